@@ -1,0 +1,173 @@
+"""Image synthesis: token identity with DeepSeek's reference loop (greedy), the right distribution (sampled),
+batch invariance and per-image seeds."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from scipy.stats import chi2_contingency, chisquare
+
+from janus_batch.engine import JanusEngine
+from janus_batch.engine.engine import generation_prompt
+from janus_batch.engine.sampling import id32, row_key
+from janus_batch.model.tiny import build_tiny_model
+from tests.reference import first_step_distribution, reference_generate
+
+PROMPTS = [
+    "a red fox",
+    "A watercolor painting of a lighthouse on a cliff above a stormy sea, highly detailed",
+    "portrait",
+]
+
+
+@pytest.fixture(scope="module")
+def engine() -> JanusEngine:
+    model, processor = build_tiny_model(64)
+    return JanusEngine(model, processor)
+
+
+def prompt_ids(engine: JanusEngine, prompt: str) -> list[int]:
+    # Tokenised as DeepSeek does: tokenizer.encode(sft_format + image_start_tag), BOS included.
+    return engine.tokenizer.encode(generation_prompt(prompt))
+
+
+@pytest.mark.parametrize("images_per_prompt,cfg_weight", [(1, 5.0), (2, 1.0), (3, 7.5)])
+def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt, cfg_weight):
+    # The reference VQ-decodes each prompt's images as one batch; decode in batches of that shape too.
+    engine = JanusEngine(engine.model, engine.processor, vq_batch=images_per_prompt)
+    results = engine.generate_images(
+        PROMPTS, images_per_prompt=images_per_prompt, cfg_weight=cfg_weight, greedy=True
+    )
+    assert [(r.prompt, r.sample_index) for r in results] == [
+        (p, i) for p in PROMPTS for i in range(images_per_prompt)
+    ]
+    for p, prompt in enumerate(PROMPTS):
+        ref_tokens, ref_pixels = reference_generate(
+            engine.model, prompt_ids(engine, prompt), engine.pad_id, images_per_prompt, cfg_weight, greedy=True
+        )
+        mine = results[p * images_per_prompt : (p + 1) * images_per_prompt]
+        np.testing.assert_array_equal(np.stack([r.tokens for r in mine]), ref_tokens.numpy())
+        np.testing.assert_array_equal(np.stack([r.pixels for r in mine]), ref_pixels)
+
+
+def test_greedy_real_geometry_576_tokens():
+    model, processor = build_tiny_model(384)
+    engine = JanusEngine(model, processor, vq_batch=1)
+    results = engine.generate_images(PROMPTS[:2], images_per_prompt=1, greedy=True)
+    assert results[0].tokens.shape == (576,) and results[0].pixels.shape == (384, 384, 3)
+    for result, prompt in zip(results, PROMPTS[:2], strict=True):
+        ref_tokens, ref_pixels = reference_generate(
+            model, prompt_ids(engine, prompt), engine.pad_id, 1, 5.0, greedy=True
+        )
+        np.testing.assert_array_equal(result.tokens, ref_tokens[0].numpy())
+        np.testing.assert_array_equal(result.pixels, ref_pixels[0])
+
+
+def tokens_by_key(results) -> dict[tuple[str, int], np.ndarray]:
+    return {(r.prompt_id, r.sample_index): r.tokens for r in results}
+
+
+def test_sampling_is_batch_invariant(engine):
+    alone = engine.generate_images(["a red fox"], images_per_prompt=4, seed=7)
+    engine_small_batches = JanusEngine(engine.model, engine.processor, max_batch_rows=3)
+    crowded = engine_small_batches.generate_images(
+        [PROMPTS[1], "a red fox", PROMPTS[2]], images_per_prompt=4, seed=7
+    )
+    reordered = engine.generate_images([PROMPTS[2], "a red fox"], images_per_prompt=4, seed=7)
+    want = tokens_by_key(alone)
+    for results in (crowded, reordered):
+        got = tokens_by_key(results)
+        for key, tokens in want.items():
+            np.testing.assert_array_equal(got[key], tokens)
+    # A prompt id, not the prompt's position, keys the noise: same id => same images.
+    by_id = engine.generate_images(["a red fox"], prompt_ids=["fox-1"], images_per_prompt=2, seed=7)
+    by_id_again = engine.generate_images(
+        ["portrait", "a red fox"], prompt_ids=["p", "fox-1"], images_per_prompt=2, seed=7
+    )
+    np.testing.assert_array_equal(by_id[1].tokens, by_id_again[3].tokens)
+
+
+def test_seeds_and_image_indices_give_different_images(engine):
+    a = engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)
+    b = engine.generate_images(["a red fox"], images_per_prompt=3, seed=2)
+    assert all(r.seed == 1 for r in a)
+    assert not np.array_equal(a[0].tokens, a[1].tokens)
+    assert not np.array_equal(a[0].tokens, b[0].tokens)
+    np.testing.assert_array_equal(a[2].pixels, engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)[2].pixels)
+
+
+def test_top_k_one_is_greedy_and_top_k_restricts_support(engine):
+    greedy = engine.generate_images(["a red fox"], images_per_prompt=1, greedy=True)
+    top1 = engine.generate_images(["a red fox"], images_per_prompt=2, top_k=1, seed=3)
+    tiny_p = engine.generate_images(["a red fox"], images_per_prompt=2, top_p=1e-6, seed=3)
+    for r in top1 + tiny_p:
+        np.testing.assert_array_equal(r.tokens, greedy[0].tokens)
+    probs = first_step_distribution(engine.model, prompt_ids(engine, "a red fox"), engine.pad_id, 5.0, 1.0)
+    top5 = set(np.argsort(probs)[-5:].tolist())
+    sampled = engine.generate_images(["a red fox"], images_per_prompt=64, top_k=5, seed=4)
+    first = {int(r.tokens[0]) for r in sampled}
+    assert first <= top5 and len(first) > 1
+
+
+# ---- sampled mode matches the reference in distribution ----------------------------------------------
+
+N_SAMPLES = 3000
+P_MIN = 1e-3  # stated tolerance: a correct sampler fails this test with probability 0.1% (fixed seeds)
+
+
+def gof_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
+    """Chi-square goodness of fit; bins with expected count < 5 are pooled into one."""
+    counts = np.bincount(samples, minlength=len(probs))
+    expected = probs * len(samples)
+    big = expected >= 5
+    obs = np.append(counts[big], counts[~big].sum())
+    exp = np.append(expected[big], expected[~big].sum())
+    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
+
+
+def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
+    """Chi-square test that two samples of token ids come from one distribution (rare tokens pooled)."""
+    size = max(a.max(), b.max()) + 1
+    ca, cb = np.bincount(a, minlength=size), np.bincount(b, minlength=size)
+    big = (ca + cb) >= 10
+    table = np.array([np.append(ca[big], ca[~big].sum()), np.append(cb[big], cb[~big].sum())])
+    table = table[:, table.sum(0) > 0]
+    return float(chi2_contingency(table).pvalue)
+
+
+def sample_tokens(engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int) -> np.ndarray:
+    """N_SAMPLES images of one prompt, in one batch, tokens only (no VQ decode: faster)."""
+    keys = [row_key(seed, id32(prompt), i) for i in range(N_SAMPLES)]
+    ids = prompt_ids(engine, prompt)
+    return engine.generate_image_tokens([ids] * N_SAMPLES, keys, cfg_weight, temperature).numpy()
+
+
+@pytest.mark.parametrize("prompt,cfg_weight,temperature", [("a red fox", 5.0, 1.0), (PROMPTS[1], 3.0, 1.5)])
+def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, cfg_weight, temperature):
+    ids = prompt_ids(engine, prompt)
+    first = sample_tokens(engine, prompt, cfg_weight, temperature, seed=11)[:, 0]
+    exact = first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature)
+    assert gof_pvalue(first, exact) > P_MIN
+
+    # The same test rejects the mistakes it is meant to catch.
+    bos, boi = ids[0], ids[-1]
+    wrong = {
+        "no CFG / unmasked unconditional rows": first_step_distribution(engine.model, ids, engine.pad_id, 1.0, temperature),
+        "temperature too low": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7),
+        "temperature too high": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 1.4),
+        "unconditional row without pad": first_step_distribution(
+            engine.model, [bos, *ids[1:-1], boi], -1, cfg_weight, temperature, uncond_ids=[bos, boi]
+        ),
+    }
+    for mistake, probs in wrong.items():
+        assert gof_pvalue(first, probs) < 1e-6, mistake
+
+
+def test_sampled_later_steps_match_reference_multinomial(engine):
+    ids = prompt_ids(engine, "a red fox")
+    mine = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=5)
+    generator = torch.Generator().manual_seed(0)
+    ref, _ = reference_generate(engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4)
+    for step in range(4):
+        assert two_sample_pvalue(mine[:, step], ref[:, step].numpy()) > P_MIN, step
