@@ -24,7 +24,8 @@ def reference_generate(
     generator: torch.Generator | None = None,
     steps: int | None = None,
 ) -> tuple[torch.Tensor, np.ndarray | None]:
-    """Returns (tokens [parallel_size, steps], uint8 images [parallel_size, H, W, 3] or None if steps is cut)."""
+    """Returns (tokens [parallel_size, steps], uint8 images [parallel_size, H, W, 3]).
+    The images are None when `steps` stops before the last token."""
     lm = model.model.language_model
     grid = model.config.vq_config.num_patches
     n_tokens = grid * grid

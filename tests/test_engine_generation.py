@@ -44,7 +44,12 @@ def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt,
     ]
     for p, prompt in enumerate(PROMPTS):
         ref_tokens, ref_pixels = reference_generate(
-            engine.model, prompt_ids(engine, prompt), engine.pad_id, images_per_prompt, cfg_weight, greedy=True
+            engine.model,
+            prompt_ids(engine, prompt),
+            engine.pad_id,
+            images_per_prompt,
+            cfg_weight,
+            greedy=True,
         )
         mine = results[p * images_per_prompt : (p + 1) * images_per_prompt]
         np.testing.assert_array_equal(np.stack([r.tokens for r in mine]), ref_tokens.numpy())
@@ -94,7 +99,9 @@ def test_seeds_and_image_indices_give_different_images(engine):
     assert all(r.seed == 1 for r in a)
     assert not np.array_equal(a[0].tokens, a[1].tokens)
     assert not np.array_equal(a[0].tokens, b[0].tokens)
-    np.testing.assert_array_equal(a[2].pixels, engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)[2].pixels)
+    np.testing.assert_array_equal(
+        a[2].pixels, engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)[2].pixels
+    )
 
 
 def test_top_k_one_is_greedy_and_top_k_restricts_support(engine):
@@ -136,7 +143,9 @@ def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
     return float(chi2_contingency(table).pvalue)
 
 
-def sample_tokens(engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int) -> np.ndarray:
+def sample_tokens(
+    engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int
+) -> np.ndarray:
     """N_SAMPLES images of one prompt, in one batch, tokens only (no VQ decode: faster)."""
     keys = [row_key(seed, id32(prompt), i) for i in range(N_SAMPLES)]
     ids = prompt_ids(engine, prompt)
@@ -153,9 +162,15 @@ def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, 
     # The same test rejects the mistakes it is meant to catch.
     bos, boi = ids[0], ids[-1]
     wrong = {
-        "no CFG / unmasked unconditional rows": first_step_distribution(engine.model, ids, engine.pad_id, 1.0, temperature),
-        "temperature too low": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7),
-        "temperature too high": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 1.4),
+        "no CFG / unmasked unconditional rows": first_step_distribution(
+            engine.model, ids, engine.pad_id, 1.0, temperature
+        ),
+        "temperature too low": first_step_distribution(
+            engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7
+        ),
+        "temperature too high": first_step_distribution(
+            engine.model, ids, engine.pad_id, cfg_weight, temperature * 1.4
+        ),
         "unconditional row without pad": first_step_distribution(
             engine.model, [bos, *ids[1:-1], boi], -1, cfg_weight, temperature, uncond_ids=[bos, boi]
         ),
@@ -168,6 +183,8 @@ def test_sampled_later_steps_match_reference_multinomial(engine):
     ids = prompt_ids(engine, "a red fox")
     mine = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=5)
     generator = torch.Generator().manual_seed(0)
-    ref, _ = reference_generate(engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4)
+    ref, _ = reference_generate(
+        engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4
+    )
     for step in range(4):
         assert two_sample_pvalue(mine[:, step], ref[:, step].numpy()) > P_MIN, step

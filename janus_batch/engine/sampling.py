@@ -55,7 +55,8 @@ def gumbel_noise(keys: torch.Tensor, step: torch.Tensor, codes: torch.Tensor) ->
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None, top_p: float | None) -> torch.Tensor:
-    """Mask logits outside the top-k / nucleus (top-p) set with -inf. Off (None) by default, as in DeepSeek's code."""
+    """Mask logits outside the top-k / nucleus (top-p) set with -inf.
+    Both off (None) by default, as in DeepSeek's code."""
     if top_k is not None and 0 < top_k < logits.shape[-1]:
         kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]
         logits = logits.masked_fill(logits < kth, float("-inf"))

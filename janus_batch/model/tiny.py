@@ -115,7 +115,9 @@ def tiny_config(image_size: int, vocab_size: int, bos: int, eos: int, pad: int, 
     )
 
 
-def build_tiny_model(image_size: int = 64, seed: int = 0) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
+def build_tiny_model(
+    image_size: int = 64, seed: int = 0
+) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = tiny_config(image_size, len(tokenizer), ids[BOS], ids[EOS], ids[PAD], ids[IMAGE])
