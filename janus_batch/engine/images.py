@@ -36,6 +36,8 @@ def decode_image(data: bytes, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Ima
         image = Image.open(io.BytesIO(data))
     except UnidentifiedImageError:
         raise ImageInputError(f"not a decodable image ({len(data)} bytes, unknown format)") from None
+    except Image.DecompressionBombError as e:  # PIL's own hard limit, hit before ours can be checked
+        raise ImageInputError(f"{e} (possible decompression bomb)") from None
     return to_rgb(image, max_pixels)
 
 

@@ -1,0 +1,125 @@
+"""Image inputs: DeepSeek's preprocessing, documented conversions, and specific errors for bad bytes."""
+
+from __future__ import annotations
+
+import io
+import struct
+import zlib
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
+from janus_batch.engine.images import PAD_GRAY, to_rgb
+from janus_batch.model.tiny import build_tiny_model
+
+
+def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
+    buf = io.BytesIO()
+    image.save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_preprocess_resizes_long_side_and_pads_with_gray():
+    red = Image.new("RGB", (200, 100), (255, 0, 0))
+    pixels = preprocess_image(red, 384)
+    assert pixels.shape == (3, 384, 384) and pixels.dtype == np.float32
+    gray = (PAD_GRAY[0] / 255 - 0.5) / 0.5
+    # 200x100 -> 384x192, centred: rows 0..95 and 288..383 are padding.
+    np.testing.assert_allclose(pixels[:, :96], gray, atol=1e-6)
+    np.testing.assert_allclose(pixels[:, 288:], gray, atol=1e-6)
+    inside = pixels[:, 100:280, 10:370].reshape(3, -1)
+    np.testing.assert_allclose(inside.min(1), [1.0, -1.0, -1.0], atol=1e-6)
+    np.testing.assert_allclose(inside.max(1), [1.0, -1.0, -1.0], atol=1e-6)
+
+
+def test_preprocess_matches_transformers_janus_image_processor():
+    # Where DeepSeek's int() and transformers' round() agree on the resized size, the two must be equal.
+    from transformers import JanusImageProcessorPil
+
+    hf = JanusImageProcessorPil(size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3)
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 480), (300, 600), (384, 384)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        theirs = hf(image, return_tensors="np")["pixel_values"][0]
+        np.testing.assert_allclose(preprocess_image(image, 384), theirs, atol=2e-2)
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        (b"", "empty image bytes"),
+        (b"this is not an image at all", "not a decodable image"),
+        ("a string", "expected encoded image bytes"),
+        (None, "expected encoded image bytes"),
+    ],
+)
+def test_undecodable_inputs(data, message):
+    with pytest.raises(ImageInputError, match=message):
+        decode_image(data)
+
+
+def test_truncated_images():
+    rng = np.random.default_rng(1)
+    image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG"):
+        data = encode(image, fmt)
+        with pytest.raises(ImageInputError, match="corrupt or truncated"):
+            decode_image(data[: len(data) // 2])
+
+
+def png_header_only(width: int, height: int) -> bytes:
+    """A PNG whose header claims width x height, with a tiny data chunk (a decompression-bomb shape)."""
+
+    def chunk(kind: bytes, body: bytes) -> bytes:
+        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+    ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
+    return (
+        b"\x89PNG\r\n\x1a\n"
+        + chunk(b"IHDR", ihdr)
+        + chunk(b"IDAT", zlib.compress(b"\0"))
+        + chunk(b"IEND", b"")
+    )
+
+
+def test_huge_and_zero_size_images():
+    with pytest.raises(ImageInputError, match="decompression bomb"):
+        decode_image(png_header_only(20_000, 20_000))  # 400 M pixels: over PIL's own hard limit too
+    with pytest.raises(ImageInputError, match="decompression bomb"):
+        decode_image(png_header_only(9_000, 9_000))  # 81 M: over our limit, under PIL's
+    with pytest.raises(ImageInputError, match="exceeds the limit of 100"):
+        decode_image(encode(Image.new("RGB", (20, 20))), max_pixels=100)
+    with pytest.raises(ImageInputError, match="zero-size"):
+        to_rgb(Image.new("RGB", (0, 5)))
+
+
+@pytest.mark.parametrize(
+    "image,expected",
+    [
+        (Image.new("L", (4, 4), 200), (200, 200, 200)),
+        (Image.new("LA", (4, 4), (90, 0)), (90, 90, 90)),
+        (Image.new("RGBA", (4, 4), (10, 20, 30, 0)), (10, 20, 30)),  # alpha dropped, as DeepSeek does
+        (Image.new("CMYK", (4, 4), (0, 255, 255, 0)), (255, 0, 0)),
+        (Image.new("P", (4, 4), 0), (0, 0, 0)),
+        (Image.new("1", (4, 4), 1), (255, 255, 255)),
+        (Image.new("I;16", (4, 4), 65535), (255, 255, 255)),  # scaled, not clipped
+        (Image.new("I;16", (4, 4), 32768), (128, 128, 128)),
+        (Image.new("F", (4, 4), 300.0), (255, 255, 255)),
+    ],
+    ids=["L", "LA", "RGBA", "CMYK", "P", "1", "I16-max", "I16-mid", "F"],
+)
+def test_modes_are_converted_to_rgb(image, expected):
+    fmt = "TIFF" if image.mode in ("CMYK", "F") else "PNG"
+    for candidate in (image, decode_image(encode(image, fmt))):
+        rgb = to_rgb(candidate)
+        assert rgb.mode == "RGB"
+        assert rgb.getpixel((1, 1)) == expected
+
+
+def test_engine_rejects_bad_images_with_the_specific_error():
+    model, processor = build_tiny_model(64)
+    engine = JanusEngine(model, processor)
+    with pytest.raises(ImageInputError, match="not a decodable image"):
+        engine.understand([b"garbage"])
