@@ -8,9 +8,12 @@ Same arguments => byte-identical files. Two geometries: 64x64 images (16 image t
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 from pathlib import Path
 
 import torch
+from filelock import FileLock
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 from transformers import (
     GenerationConfig,
@@ -115,9 +118,7 @@ def tiny_config(image_size: int, vocab_size: int, bos: int, eos: int, pad: int, 
     )
 
 
-def build_tiny_model(
-    image_size: int = 64, seed: int = 0
-) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
+def build_tiny_model(image_size: int = 64, seed: int = 0) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
     tokenizer = build_tokenizer()
     ids = {t: tokenizer.convert_tokens_to_ids(t) for t in SPECIAL_TOKENS}
     config = tiny_config(image_size, len(tokenizer), ids[BOS], ids[EOS], ids[PAD], ids[IMAGE])
@@ -152,6 +153,23 @@ def write_tiny_model(out_dir: str | Path, image_size: int = 64, seed: int = 0) -
     model, processor = build_tiny_model(image_size, seed)
     model.save_pretrained(out)
     processor.save_pretrained(out)
+    return out
+
+
+def cache_root() -> Path:
+    """janus-batch's node-local cache: $JANUS_BATCH_CACHE, else ~/.cache/janus_batch."""
+    return Path(os.environ.get("JANUS_BATCH_CACHE", Path.home() / ".cache" / "janus_batch"))
+
+
+def ensure_tiny_model(image_size: int = 64, seed: int = 0) -> Path:
+    """The embedded default model: written once into the cache (atomically, under a lock), then reused."""
+    out = cache_root() / f"tiny-janus-{image_size}-seed{seed}"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(out) + ".lock"):
+        if not out.exists():
+            tmp = Path(tempfile.mkdtemp(dir=out.parent, prefix=out.name + ".tmp-"))
+            write_tiny_model(tmp, image_size, seed)
+            tmp.rename(out)
     return out
 
 
