@@ -36,12 +36,8 @@ def prompt_ids(engine: JanusEngine, prompt: str) -> list[int]:
 def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt, cfg_weight):
     # The reference VQ-decodes each prompt's images as one batch; decode in batches of that shape too.
     engine = JanusEngine(engine.model, engine.processor, vq_batch=images_per_prompt)
-    results = engine.generate_images(
-        PROMPTS, images_per_prompt=images_per_prompt, cfg_weight=cfg_weight, greedy=True
-    )
-    assert [(r.prompt, r.sample_index) for r in results] == [
-        (p, i) for p in PROMPTS for i in range(images_per_prompt)
-    ]
+    results = engine.generate_images(PROMPTS, images_per_prompt=images_per_prompt, cfg_weight=cfg_weight, greedy=True)
+    assert [(r.prompt, r.sample_index) for r in results] == [(p, i) for p in PROMPTS for i in range(images_per_prompt)]
     for p, prompt in enumerate(PROMPTS):
         ref_tokens, ref_pixels = reference_generate(
             engine.model,
@@ -76,9 +72,7 @@ def tokens_by_key(results) -> dict[tuple[str, int], np.ndarray]:
 def test_sampling_is_batch_invariant(engine):
     alone = engine.generate_images(["a red fox"], images_per_prompt=4, seed=7)
     engine_small_batches = JanusEngine(engine.model, engine.processor, max_batch_rows=3)
-    crowded = engine_small_batches.generate_images(
-        [PROMPTS[1], "a red fox", PROMPTS[2]], images_per_prompt=4, seed=7
-    )
+    crowded = engine_small_batches.generate_images([PROMPTS[1], "a red fox", PROMPTS[2]], images_per_prompt=4, seed=7)
     reordered = engine.generate_images([PROMPTS[2], "a red fox"], images_per_prompt=4, seed=7)
     want = tokens_by_key(alone)
     for results in (crowded, reordered):
@@ -143,9 +137,7 @@ def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
     return float(chi2_contingency(table).pvalue)
 
 
-def sample_tokens(
-    engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int
-) -> np.ndarray:
+def sample_tokens(engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int) -> np.ndarray:
     """N_SAMPLES images of one prompt, in one batch, tokens only (no VQ decode: faster)."""
     keys = [row_key(seed, id32(prompt), i) for i in range(N_SAMPLES)]
     ids = prompt_ids(engine, prompt)
@@ -165,9 +157,7 @@ def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, 
         "no CFG / unmasked unconditional rows": first_step_distribution(
             engine.model, ids, engine.pad_id, 1.0, temperature
         ),
-        "temperature too low": first_step_distribution(
-            engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7
-        ),
+        "temperature too low": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7),
         "temperature too high": first_step_distribution(
             engine.model, ids, engine.pad_id, cfg_weight, temperature * 1.4
         ),
@@ -183,8 +173,6 @@ def test_sampled_later_steps_match_reference_multinomial(engine):
     ids = prompt_ids(engine, "a red fox")
     mine = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=5)
     generator = torch.Generator().manual_seed(0)
-    ref, _ = reference_generate(
-        engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4
-    )
+    ref, _ = reference_generate(engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4)
     for step in range(4):
         assert two_sample_pvalue(mine[:, step], ref[:, step].numpy()) > P_MIN, step

@@ -34,9 +34,7 @@ QUESTIONS = [None, "What colour is the object in the middle of this picture?", "
 def hf_generate(engine: JanusEngine, images, questions, max_new_tokens: int) -> list[list[int]]:
     """transformers' JanusForConditionalGeneration.generate(generation_mode="text") on the same inputs."""
     texts = [q or "Describe this image in detail." for q in questions]
-    prompts = [
-        engine.encode(understanding_prompt(t, engine.num_image_tokens, engine.system_prompt)) for t in texts
-    ]
+    prompts = [engine.encode(understanding_prompt(t, engine.num_image_tokens, engine.system_prompt)) for t in texts]
     width = max(map(len, prompts))
     ids = torch.tensor([[engine.pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
@@ -70,9 +68,7 @@ def engine_tokens(engine: JanusEngine, images, questions, max_new_tokens: int) -
 def test_greedy_matches_transformers_generate_batched_and_alone(engine, max_new_tokens):
     images = sample_images()
     batched = engine_tokens(engine, images, QUESTIONS, max_new_tokens)
-    alone = [
-        engine_tokens(engine, [im], [q], max_new_tokens)[0] for im, q in zip(images, QUESTIONS, strict=True)
-    ]
+    alone = [engine_tokens(engine, [im], [q], max_new_tokens)[0] for im, q in zip(images, QUESTIONS, strict=True)]
     assert batched == alone
     reasons = {r.finish_reason for r in engine.understand(images, QUESTIONS, max_new_tokens=max_new_tokens)}
     # 3 tokens cut every row short; with 24 some rows reach EOS (reasons are checked per row above).

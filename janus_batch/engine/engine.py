@@ -228,9 +228,7 @@ class JanusEngine:
         the batch shape in the last bits, so a fixed shape keeps every image independent of its batch."""
         vq = self.model.model.vqmodel
         n = len(image_tokens)
-        padded = torch.zeros(
-            (-(-n // self.vq_batch) * self.vq_batch, image_tokens.shape[1]), dtype=torch.long
-        )
+        padded = torch.zeros((-(-n // self.vq_batch) * self.vq_batch, image_tokens.shape[1]), dtype=torch.long)
         padded[:n] = image_tokens
         chunks = [
             pixels_to_uint8(vq.decode(padded[i : i + self.vq_batch].to(self.device)))
@@ -273,9 +271,7 @@ class JanusEngine:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         row_ids = list(row_ids) if row_ids is not None else list(range(len(images)))
         texts = [q if q else instruction for q in questions]
-        prompts = [
-            self.encode(understanding_prompt(t, self.num_image_tokens, self.system_prompt)) for t in texts
-        ]
+        prompts = [self.encode(understanding_prompt(t, self.num_image_tokens, self.system_prompt)) for t in texts]
         for prompt in prompts:
             if len(prompt) + max_new_tokens > self.max_positions:
                 raise ValueError(
