@@ -1,0 +1,299 @@
+"""Janus throughput, in one process: DeepSeek's reference loop, transformers' generate and the janus-batch engine.
+
+Random weights at the real Janus-Pro dims, built on the device (no downloads), or the tiny model:
+
+    python -m benchmarks.bench --model 7b                 # H100: image synthesis and captioning
+    python -m benchmarks.bench --model 1b --task generate
+    python -m benchmarks.bench --model tiny --quick       # CPU smoke run (CI); no timing is asserted
+
+Prints images/s (384x384, 576 tokens, CFG 5, temperature 1, 16 images per prompt), captions/s (576 image tokens
++ ~30 prompt tokens, 64 new tokens, greedy), ms per decode step, peak memory, the ratio of each to the reference
+and to a memory-bandwidth roofline computed from the bandwidth measured on this device.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import platform
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass
+
+import numpy as np
+import torch
+import transformers
+from PIL import Image
+from transformers import JanusConfig, JanusForConditionalGeneration
+
+from janus_batch.engine import JanusEngine
+from janus_batch.engine.engine import generation_prompt, understanding_prompt
+from janus_batch.model.tiny import build_tiny_model
+from tests.reference import reference_generate
+
+PROMPT = "A stunning princess from kabul in red, white traditional clothing, blue eyes, brown hair"
+QUESTION = "Describe this image in detail, including the objects, the colours and the mood of the scene."
+
+# Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
+LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
+
+
+def janus_pro_config(size: str) -> JanusConfig:
+    layers, hidden, heads, ffn = LLM_DIMS[size]
+    text = transformers.LlamaConfig(
+        vocab_size=102400,
+        hidden_size=hidden,
+        intermediate_size=ffn,
+        num_hidden_layers=layers,
+        num_attention_heads=heads,
+        num_key_value_heads=heads,
+        max_position_embeddings=16384,
+        bos_token_id=0,
+        eos_token_id=1,
+        pad_token_id=2,
+        tie_word_embeddings=False,
+    )
+    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16)
+    vision.update(projection_dim=hidden, num_image_tokens=576, depth=2)
+    vq = dict(embed_dim=8, num_embeddings=16384, projection_dim=hidden, image_token_embed_dim=hidden)
+    return JanusConfig(text_config=text.to_dict(), vision_config=vision, vq_config=vq, tie_word_embeddings=False)
+
+
+def build_model(size: str, device: torch.device, dtype: torch.dtype, quick: bool = False):
+    """A random Janus at real dims with the tiny model's tokenizer, or the tiny model (64 px when quick)."""
+    if size == "tiny":
+        model, processor = build_tiny_model(64 if quick else 384)
+        return model.to(device, dtype).eval(), processor
+    _, processor = build_tiny_model(64)
+    config = janus_pro_config(size)
+    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image_placeholder>")
+    torch.manual_seed(0)
+    previous = torch.get_default_dtype()
+    torch.set_default_dtype(dtype)
+    with torch.device(device):
+        model = JanusForConditionalGeneration(config).eval()
+    torch.set_default_dtype(previous)
+    return model, processor
+
+
+def sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize()
+
+
+def measure_bandwidth(device: torch.device) -> float:
+    """Bytes per second of a device-to-device copy, counting bytes read and written."""
+    n = (1 << 30) if device.type == "cuda" else (1 << 26)
+    src = torch.empty(n, dtype=torch.uint8, device=device)
+    dst = torch.empty_like(src)
+    dst.copy_(src)
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        dst.copy_(src)
+    sync(device)
+    return 2 * n * 10 / (time.perf_counter() - start)
+
+
+@dataclass
+class Row:
+    task: str
+    impl: str
+    items: int  # images or captions
+    seconds: float
+    peak_gib: float
+    steps: int  # decode steps per item sequence
+
+    @property
+    def per_second(self) -> float:
+        return self.items / self.seconds
+
+    @property
+    def ms_per_step(self) -> float:
+        return 1000 * self.seconds / self.steps
+
+
+def timed(task: str, impl: str, items: int, steps: int, device: torch.device, fn: Callable[[], object]) -> Row:
+    fn()  # warm-up: allocator, kernels, lazy initialisation
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    sync(device)
+    start = time.perf_counter()
+    fn()
+    sync(device)
+    seconds = time.perf_counter() - start
+    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
+    return Row(task, impl, items, seconds, peak, steps)
+
+
+def weight_bytes(module: torch.nn.Module) -> int:
+    return sum(p.numel() * p.element_size() for p in module.parameters())
+
+
+def generation_roofline(engine: JanusEngine, rows: int, prompt_len: int, bandwidth: float) -> float:
+    """Images/s if each decode step only had to read the LLM weights once and the filled KV cache of 2 x rows."""
+    lm = engine.lm
+    cfg = lm.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * engine.dtype.itemsize
+    mean_filled = prompt_len + engine.num_gen_tokens / 2
+    step_bytes = (
+        weight_bytes(lm) + weight_bytes(engine.model.model.generation_head) + 2 * rows * kv_per_token * mean_filled
+    )
+    return rows / (engine.num_gen_tokens * step_bytes / bandwidth)
+
+
+def caption_roofline(engine: JanusEngine, rows: int, prompt_len: int, new_tokens: int, bandwidth: float) -> float:
+    lm = engine.lm
+    cfg = lm.config
+    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * engine.dtype.itemsize
+    step_bytes = (
+        weight_bytes(lm) + weight_bytes(engine.model.lm_head) + rows * kv_per_token * (prompt_len + new_tokens / 2)
+    )
+    return rows / (new_tokens * step_bytes / bandwidth)
+
+
+def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device) -> list[Row]:
+    model, n = engine.model, engine.num_gen_tokens
+    ids = engine.encode(generation_prompt(PROMPT))
+    rows = [
+        timed(
+            "generate",
+            f"DeepSeek reference loop, {images_per_prompt}/call",
+            images_per_prompt,
+            n,
+            device,
+            lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
+        )
+    ]
+    input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
+
+    def hf_generate():
+        model.generate(
+            input_ids=input_ids,
+            attention_mask=torch.ones_like(input_ids),
+            generation_mode="image",
+            do_sample=True,
+            num_return_sequences=images_per_prompt,
+            guidance_scale=5.0,
+            temperature=1.0,
+            top_k=0,
+        )
+        engine.decode_image_tokens(torch.zeros((hf_rows, n), dtype=torch.long))  # same VQ work as the others
+
+    try:
+        rows.append(timed("generate", f"transformers generate, {hf_rows}/call", hf_rows, n, device, hf_generate))
+    except Exception as e:  # transformers 5.17's image generate is broken (_prepare_static_cache TypeError)
+        print(f"transformers generate failed: {type(e).__name__}: {e}")
+    batch = [PROMPT + f" #{i}" for i in range(prompts)]
+    rows.append(
+        timed(
+            "generate",
+            f"janus-batch engine, {engine.max_batch_rows}/batch",
+            prompts * images_per_prompt,
+            n,
+            device,
+            lambda: engine.generate_images(batch, images_per_prompt=images_per_prompt),
+        )
+    )
+    return rows
+
+
+def bench_caption(engine: JanusEngine, images: int, new_tokens: int, device) -> list[Row]:
+    model = engine.model
+    rng = np.random.default_rng(0)
+    pil = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(images)]
+    pixels = np.stack([engine.prepare_image(im) for im in pil])
+    prompt = engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt))
+
+    def hf_caption(batch: int):
+        def run():
+            for start in range(0, images, batch):
+                n = min(batch, images - start)
+                ids = torch.tensor([prompt] * n, device=device)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=torch.from_numpy(pixels[start : start + n]).to(device, engine.dtype),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,  # random weights: keep every row to the same length
+                    do_sample=False,
+                    generation_mode="text",
+                )
+
+        return run
+
+    one = min(images, 4)
+    rows = [timed("caption", "transformers generate, 1/call", one, new_tokens * one, device, hf_caption(1))]
+    rows.append(
+        timed("caption", f"transformers generate, {images}/call", images, new_tokens, device, hf_caption(images))
+    )
+    eos = engine.eos_id
+    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
+    rows.append(
+        timed(
+            "caption",
+            f"janus-batch engine, {engine.max_batch_rows}/batch",
+            images,
+            new_tokens,
+            device,
+            lambda: engine.understand(list(pixels), [QUESTION] * images, max_new_tokens=new_tokens),
+        )
+    )
+    engine.eos_id = eos
+    return rows
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
+    parser.add_argument("--task", choices=["generate", "caption", "all"], default="all")
+    parser.add_argument("--rows", type=int, default=None, help="engine rows per batch (default: 128 GPU, 16 CPU)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (16 images each)")
+    parser.add_argument("--quick", action="store_true", help="small runs (and the 64 px tiny model) for a smoke test")
+    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    args = parser.parse_args(argv)
+
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    images_per_prompt = 4 if args.quick else 16
+    rows_per_batch = args.rows or (128 if device.type == "cuda" else 16)
+    prompts = args.prompts or (2 if args.quick else max(1, 2 * rows_per_batch // images_per_prompt))
+    new_tokens = 8 if args.quick else 64
+    captions = 4 if args.quick else rows_per_batch
+
+    transformers.logging.set_verbosity_error()
+    model, processor = build_model(args.model, device, dtype, args.quick)
+    engine = JanusEngine(model, processor, max_batch_rows=rows_per_batch)
+    bandwidth = measure_bandwidth(device)
+    print(
+        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
+        f"torch {torch.__version__}, transformers {transformers.__version__}, model {args.model} ({dtype}), "
+        f"measured bandwidth {bandwidth / 1e12:.2f} TB/s"
+    )
+
+    results: list[tuple[Row, float]] = []
+    prompt_len = len(engine.encode(generation_prompt(PROMPT)))
+    if args.task in ("generate", "all"):
+        roof = generation_roofline(engine, rows_per_batch, prompt_len, bandwidth)
+        results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, rows_per_batch, device)]
+    if args.task in ("caption", "all"):
+        caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
+        roof = caption_roofline(engine, captions, caption_len, new_tokens, bandwidth)
+        results += [(r, roof) for r in bench_caption(engine, captions, new_tokens, device)]
+
+    print(f"{'task':9} {'implementation':42} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'x ref':>7} {'% roof':>7}")
+    reference = {}
+    for row, roof in results:
+        reference.setdefault(row.task, row.per_second)
+        print(
+            f"{row.task:9} {row.impl:42} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
+            f"{row.per_second / reference[row.task]:7.1f} {100 * row.per_second / roof:6.1f}%"
+        )
+    print("rooflines (items/s): " + ", ".join(sorted({f"{r.task} {roof:.1f}" for r, roof in results})))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump([asdict(r) | {"per_second": r.per_second, "roofline": roof} for r, roof in results], f, indent=1)
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,30 @@
+"""The benchmark runs end to end on CPU with the tiny model (a smoke test: no timing is asserted)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def test_benchmark_smoke_run(tmp_path):
+    out = tmp_path / "rows.json"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.bench", "--model", "tiny", "--quick", "--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    rows = json.loads(out.read_text())
+    impls = {(r["task"], r["impl"].split(",")[0]) for r in rows}
+    assert impls == {
+        ("generate", "DeepSeek reference loop"),
+        ("generate", "transformers generate"),
+        ("generate", "janus-batch engine"),
+        ("caption", "transformers generate"),
+        ("caption", "janus-batch engine"),
+    }
+    assert all(r["per_second"] > 0 and r["roofline"] > 0 for r in rows)
