@@ -18,6 +18,7 @@ from PIL import Image
 
 from janus_batch.engine import decoder, sampling
 from janus_batch.engine.images import decode_image, pixels_to_uint8, preprocess_image, to_rgb
+from janus_batch.model.loading import load_janus
 
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image in detail."
 # DeepSeek's VLChatProcessor system prompt, used for understanding (not for image generation).
@@ -106,8 +107,6 @@ class JanusEngine:
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=None, device=None, storage_options=None, **engine_kwargs):
-        from janus_batch.model.loading import load_janus
-
         loaded = load_janus(source, dtype=dtype, device=device, storage_options=storage_options)
         return cls(
             loaded.model,
@@ -134,6 +133,16 @@ class JanusEngine:
             return (
                 f"prompt too long: {length} tokens + {self.num_gen_tokens} image tokens exceeds the "
                 f"model's context of {self.max_positions} positions"
+            )
+        return None
+
+    def check_question(self, question: str, max_new_tokens: int) -> str | None:
+        """Why `question` (or a caption instruction) cannot be asked, or None when it can."""
+        length = len(self.encode(understanding_prompt(question, self.num_image_tokens, self.system_prompt)))
+        if length + max_new_tokens > self.max_positions:
+            return (
+                f"question too long: {length} prompt tokens + {max_new_tokens} new tokens exceeds the model's "
+                f"context of {self.max_positions} positions"
             )
         return None
 
@@ -271,13 +280,10 @@ class JanusEngine:
             raise ValueError(f"{len(images)} images but {len(questions)} questions")
         row_ids = list(row_ids) if row_ids is not None else list(range(len(images)))
         texts = [q if q else instruction for q in questions]
+        for text in texts:
+            if (error := self.check_question(text, max_new_tokens)) is not None:
+                raise ValueError(error)
         prompts = [self.encode(understanding_prompt(t, self.num_image_tokens, self.system_prompt)) for t in texts]
-        for prompt in prompts:
-            if len(prompt) + max_new_tokens > self.max_positions:
-                raise ValueError(
-                    f"question too long: {len(prompt)} prompt tokens + {max_new_tokens} new tokens exceeds "
-                    f"the model's context of {self.max_positions} positions"
-                )
         pixels = [self.prepare_image(image) for image in images]
         temperature = 0.0 if greedy else temperature
 

@@ -1,0 +1,88 @@
+"""Session fixtures shared by all test modules: the tiny checkpoints and a local S3 server."""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+import pytest
+import s3fs
+from moto.server import ThreadedMotoServer
+
+from janus_batch.model.tiny import write_tiny_model
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    """The tiny 64x64 Janus checkpoint (HF format), written once per session. Read-only: copy to change it."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-janus-64"), image_size=64)
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir_384(tmp_path_factory) -> Path:
+    """The tiny checkpoint at the real 384x384 geometry (576 image tokens). Read-only."""
+    return write_tiny_model(tmp_path_factory.mktemp("tiny-janus-384"), image_size=384)
+
+
+@dataclass(frozen=True)
+class S3Server:
+    """A real S3-protocol server (moto) on 127.0.0.1. Any key / secret is accepted."""
+
+    endpoint_url: str
+    key: str = "testing"
+    secret: str = "testing"
+    # Not us-east-1: there S3 rejects an explicit LocationConstraint, which s3fs' mkdir sends.
+    region: str = "us-west-2"
+
+    @property
+    def storage_options(self) -> dict:
+        """For s3fs.S3FileSystem(**options) / fsspec / load_janus(storage_options=...)."""
+        return {
+            "endpoint_url": self.endpoint_url,
+            "key": self.key,
+            "secret": self.secret,
+            "client_kwargs": {"region_name": self.region},
+        }
+
+    @property
+    def pyarrow_options(self) -> dict:
+        """For pyarrow.fs.S3FileSystem(**options)."""
+        return {
+            "endpoint_override": urlparse(self.endpoint_url).netloc,
+            "scheme": "http",
+            "access_key": self.key,
+            "secret_key": self.secret,
+            "region": self.region,
+        }
+
+    def filesystem(self) -> s3fs.S3FileSystem:
+        return s3fs.S3FileSystem(**self.storage_options, skip_instance_cache=True)
+
+    def make_bucket(self, name: str | None = None) -> str:
+        """Create a bucket (a fresh unique one by default) and return its s3:// URI."""
+        name = name or f"bucket-{next(_bucket_numbers)}"
+        self.filesystem().mkdir(name)
+        return f"s3://{name}"
+
+
+_bucket_numbers = itertools.count()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="session")
+def s3_server():
+    logging.getLogger("werkzeug").setLevel(logging.ERROR)  # one log line per request otherwise
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=free_port(), verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    yield S3Server(endpoint_url=f"http://{host}:{port}")
+    server.stop()
