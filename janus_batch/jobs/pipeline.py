@@ -1,0 +1,417 @@
+"""Build and run a job: read -> CPU preprocess -> model actors -> CPU postprocess -> write, resumable.
+
+Layout of a run (local or s3://):
+    OUTPUT/RUN_ID/spec.json       the spec as run (secrets masked)
+    OUTPUT/RUN_ID/data/           the outputs (see janus_batch.io.writers)
+    OUTPUT/RUN_ID/_checkpoint/    Ray Data's checkpoint: resume keys of committed rows
+    OUTPUT/RUN_ID/summary.json    counts, throughput, wall time (written when the run finishes)
+
+Exactly once: Ray Data's checkpointing records the resume key of every row a write task commits (in two
+phases), and on a rerun drops input rows already committed and deletes files of uncommitted tasks. All
+images of a prompt come out of one model call as one block, and blocks are never split before the write,
+so a prompt is committed whole or not at all. Inputs are cut into blocks of one model batch before the
+model stage: an actor task's outputs leave as one block, so this keeps commits small and frequent (a
+whole input file in one block would commit only at its end).
+"""
+
+from __future__ import annotations
+
+import json
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.fs as pafs
+import pyarrow.parquet as pq
+import ray
+from ray.data import ActorPoolStrategy
+from ray.data.checkpoint import CheckpointConfig
+
+from janus_batch import stages
+from janus_batch.io import readers, schemas
+from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
+from janus_batch.io.writers import make_writer
+from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
+
+BUILTIN_PROMPTS = [
+    "A photo of a red fox sitting in the snow, golden hour.",
+    "A watercolor painting of a lighthouse on a cliff above a stormy sea.",
+    "A city street at night with neon lights, cinematic.",
+    "A bowl of ramen on a wooden table, studio lighting.",
+]
+# Ray Data splits blocks above this size; one model call's output must stay one block (see module doc).
+MAX_BLOCK_BYTES = 2**30
+PROGRESS_EVERY_S = 10.0
+
+
+# ---- checks on the driver, before any model is loaded ------------------------------------------------
+
+
+def read_model_config(source: str | None, storage: StorageConfig) -> dict:
+    """The model's config.json, read without loading the model: an unknown model fails here."""
+    from janus_batch.model.tiny import ensure_tiny_model
+
+    source = source or str(ensure_tiny_model())
+    try:
+        if is_s3(source):
+            return json.loads(read_bytes(join(source, "config.json"), storage, 2**20))
+        if Path(source).expanduser().is_dir():
+            return json.loads((Path(source).expanduser() / "config.json").read_text())
+        from huggingface_hub import hf_hub_download
+
+        return json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+    except Exception as e:
+        raise ValueError(f"cannot read the config of model {source!r}: {stages.describe(e)}") from None
+
+
+def model_image_size(config: dict) -> int:
+    """Understanding input size: HF format (vision_config.image_size) or DeepSeek's (.params.image_size)."""
+    vision = config.get("vision_config", {})
+    return int(vision.get("image_size") or vision.get("params", {}).get("image_size") or 384)
+
+
+def count_input_rows(prepared: Prepared) -> int:
+    """From the Parquet footers (or the file list of an image folder): nothing is read but metadata."""
+    if isinstance(prepared.spec, CaptionJob) and prepared.spec.input.format == "images":
+        return len(prepared.files)
+    fs = prepared.spec.storage.filesystem(prepared.input_path)
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in prepared.files)
+
+
+def committed_rows(spec: JobSpec) -> int:
+    """Rows committed by earlier attempts of this run (from the checkpoint files' metadata)."""
+    fs = spec.storage.filesystem(spec.run_dir)
+    selector = pafs.FileSelector(fs_path(join(spec.run_dir, "_checkpoint")), allow_not_found=True)
+    files = [i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet") and ".pending." not in i.path]
+    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+
+
+class Prepared:
+    """What the driver learned about a job before running it."""
+
+    def __init__(self, spec: JobSpec, input_path: str, files: list[str], schema: pa.Schema, model_config: dict):
+        self.spec = spec
+        self.input_path = input_path
+        self.files = files
+        self.schema = schema
+        self.image_size = model_image_size(model_config)
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    """Resolve the run id and credentials, check input, model and output; fail fast with a clear message."""
+    spec = spec.with_run_id()
+    spec = spec.model_copy(update={"storage": spec.storage.resolved()})
+    storage = spec.storage
+    if isinstance(spec, SynthesizeJob):
+        input_path = spec.input.path if spec.input else write_builtin_prompts(spec)
+        files = readers.list_input_files(input_path, storage, ["parquet"])
+        schema = readers.parquet_schema(input_path, storage)
+        if spec.input:
+            columns = {"prompt": spec.input.prompt_column, "id": spec.input.id_column}
+            readers.require_columns(schema, columns, input_path)
+    else:
+        source = spec.input
+        input_path = source.path
+        if source.format == "images":
+            files = readers.list_input_files(input_path, storage, readers.IMAGE_EXTENSIONS)
+            schema = pa.schema([("bytes", pa.binary()), (schemas.PATH, pa.string())])
+        else:
+            files = readers.list_input_files(input_path, storage, ["parquet"])
+            schema = readers.parquet_schema(input_path, storage)
+            columns = {
+                "image": source.image_column,
+                "image URI": source.image_uri_column,
+                "id": source.id_column,
+                "question": source.question_column,
+            }
+            readers.require_columns(schema, columns, input_path)
+    model_config = read_model_config(spec.model.source, storage)
+    try:  # also proves the output location is writable
+        write_bytes(join(spec.run_dir, "spec.json"), json.dumps(spec.public_dump(), indent=2).encode(), storage)
+    except OSError as e:
+        raise OSError(f"cannot write to output {spec.run_dir}: {e}") from None
+    return Prepared(spec, input_path, files, schema, model_config)
+
+
+def write_builtin_prompts(spec: SynthesizeJob) -> str:
+    path = join(spec.run_dir, "input", "prompts.parquet")
+    table = pa.table({"prompt_id": [f"p{i}" for i in range(len(BUILTIN_PROMPTS))], "prompt": BUILTIN_PROMPTS})
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    write_bytes(path, sink.getvalue().to_pybytes(), spec.storage)
+    return path
+
+
+# ---- the pipeline ------------------------------------------------------------------------------------
+
+
+def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
+    """(map_batches arguments, actor constructor arguments) of the model stage."""
+    res = spec.resources
+    gpus = res.gpus_per_actor
+    if gpus is None:
+        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
+    low, high = res.pool_size()
+    return dict(
+        compute=ActorPoolStrategy(min_size=low, max_size=high),
+        num_gpus=gpus,
+        num_cpus=res.cpus_per_actor,
+        batch_size=res.batch_size,
+        batch_format="pyarrow",
+    ), dict(model=spec.model.model_dump(), gpus=gpus, storage=spec.storage, max_batch_rows=res.max_batch_rows)
+
+
+def build_pipeline(spec: JobSpec, prepared: Prepared | None = None, progress=None) -> ray.data.Dataset:
+    """The job's Dataset up to (not including) the write: finished output rows, with the job's checkpoint
+    and block-size settings on its context. `progress`: an optional ProgressCounter actor."""
+    prepared = prepared or prepare(spec)
+    spec = prepared.spec
+    if isinstance(spec, SynthesizeJob):
+        ds, resume_key = synthesis_stages(spec, prepared, progress)
+    else:
+        ds, resume_key = understanding_stages(spec, prepared, progress)
+    ds.context.target_max_block_size = MAX_BLOCK_BYTES
+    ds.context.checkpoint_config = CheckpointConfig(
+        id_column=resume_key,
+        checkpoint_path=fs_path(join(spec.run_dir, "_checkpoint")),
+        override_filesystem=spec.storage.filesystem(spec.run_dir),
+        # Kept after success, so rerunning a finished run id writes nothing twice.
+        delete_checkpoint_on_success=False,
+    )
+    return ds
+
+
+def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> tuple[ray.data.Dataset, str]:
+    """read prompts -> check -> generate (actors) -> encode; and the resume key column."""
+    storage = spec.storage
+    cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
+    map_args, engine_args = model_stage_args(spec)
+    source = spec.input
+    prompt_column = source.prompt_column if source else "prompt"
+    id_column = source.id_column if source else "prompt_id"
+    columns = [c for c in (prompt_column, id_column) if c]
+    ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
+    check_ids = id_column and (source is None or source.check_duplicate_ids)
+    dups = readers.duplicate_ids(ds, id_column) if check_ids else set()
+    ds = ds.map_batches(
+        stages.prepare_prompts,
+        fn_kwargs=dict(prompt_column=prompt_column, id_column=id_column, duplicates=dups),
+        **cpu,
+    )
+    params = dict(
+        images_per_prompt=spec.images_per_prompt,
+        cfg_weight=spec.cfg_weight,
+        temperature=spec.temperature,
+        top_k=spec.top_k,
+        top_p=spec.top_p,
+        seed=spec.seed,
+        greedy=spec.greedy,
+    )
+    ds = ds.repartition(target_num_rows_per_block=spec.resources.batch_size)
+    ds = ds.map_batches(stages.Synthesizer, fn_constructor_kwargs=dict(engine_args, params=params), **map_args)
+    post = dict(
+        image_format=spec.output.image_format,
+        run_id=spec.run_id,
+        seed=spec.seed,
+        cfg_weight=spec.cfg_weight,
+        temperature=spec.temperature,
+        schema=schemas.SYNTHESIZE,
+        progress=progress,
+    )
+    # batch_size=None: one block in, one block out, so a prompt's images stay in one block.
+    ds = ds.map_batches(stages.encode_images, fn_kwargs=post, batch_size=None, **cpu)
+    return ds, schemas.ROW_HASH
+
+
+def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tuple[ray.data.Dataset, str]:
+    """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows; resume key."""
+    storage = spec.storage
+    cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
+    map_args, engine_args = model_stage_args(spec)
+    source = spec.input
+    if source.format == "images":
+        resume_key, passthrough = schemas.PATH, [schemas.PATH]
+        ds = readers.read_image_folder(prepared.input_path, storage, spec.resources.cpus_per_task)
+    else:
+        resume_key = schemas.ROW_HASH
+        passthrough = [c for c in (source.id_column, source.image_uri_column) if c]
+        image_columns = [source.image_column, source.image_uri_column, source.question_column]
+        columns = [c for c in [*image_columns, *passthrough] if c]
+        ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
+    dups = set()
+    if source.id_column and source.check_duplicate_ids:
+        dups = readers.duplicate_ids(ds, source.id_column)
+    ds = ds.map_batches(
+        stages.prepare_images,
+        fn_kwargs=dict(
+            resume_key=resume_key,
+            image_column=source.image_column,
+            image_uri_column=source.image_uri_column,
+            id_column=source.id_column,
+            question_column=source.question_column,
+            passthrough=passthrough,
+            duplicates=dups,
+            image_size=prepared.image_size,
+            storage=storage,
+            max_image_bytes=source.max_image_bytes,
+        ),
+        batch_size=spec.resources.batch_size,
+        **cpu,
+    )
+    params = dict(
+        instruction=spec.instruction,
+        max_new_tokens=spec.max_new_tokens,
+        greedy=spec.greedy,
+        temperature=spec.temperature,
+        seed=spec.seed,
+    )
+    ds = ds.repartition(target_num_rows_per_block=spec.resources.batch_size)
+    ds = ds.map_batches(
+        stages.Describer,
+        fn_constructor_kwargs=dict(engine_args, params=params, resume_key=resume_key, text_column=spec.text_column),
+        **map_args,
+    )
+    schema = output_schema(spec, prepared)
+    ds = ds.map_batches(
+        stages.finish_text_rows,
+        fn_kwargs=dict(run_id=spec.run_id, schema=schema, progress=progress),
+        batch_size=None,
+        **cpu,
+    )
+    return ds, resume_key
+
+
+def output_schema(spec: JobSpec, prepared: Prepared) -> pa.Schema:
+    if isinstance(spec, SynthesizeJob):
+        return schemas.SYNTHESIZE
+    source = spec.input
+    if source.format == "images":
+        return schemas.understanding_schema(schemas.PATH, [], spec.text_column)
+    ids = [(c, prepared.schema.field(c).type) for c in (source.id_column, source.image_uri_column) if c]
+    return schemas.understanding_schema(schemas.ROW_HASH, ids, spec.text_column)
+
+
+def writer_for(spec: JobSpec, prepared: Prepared):
+    text_column = "prompt" if isinstance(spec, SynthesizeJob) else spec.text_column
+    data_dir = join(spec.run_dir, "data")
+    return make_writer(
+        spec.output.format,
+        fs_path(data_dir),
+        schema=output_schema(spec, prepared),
+        filesystem=spec.storage.filesystem(data_dir),
+        rows_per_file=spec.output.rows_per_file,
+        text_column=text_column,
+        image_format=spec.output.image_format,
+    )
+
+
+# ---- running -----------------------------------------------------------------------------------------
+
+
+@ray.remote(num_cpus=0)
+class ProgressCounter:
+    def __init__(self):
+        self.rows = 0
+        self.errors = 0
+
+    def add(self, rows: int, errors: int) -> None:
+        self.rows += rows
+        self.errors += errors
+
+    def get(self) -> tuple[int, int]:
+        return self.rows, self.errors
+
+
+def expected_rows(spec: JobSpec, inputs: int) -> int:
+    return inputs * spec.images_per_prompt if isinstance(spec, SynthesizeJob) else inputs
+
+
+def report_progress(counter, total: int, before: int, start: float, stop: threading.Event, every: float) -> None:
+    """Print rows done, rows/s and ETA every `every` seconds until `stop` is set."""
+    while not stop.wait(every):
+        rows, errors = ray.get(counter.get.remote())
+        elapsed = time.perf_counter() - start
+        rate = rows / elapsed
+        left = max(total - before - rows, 0)
+        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
+        print(f"[janus-batch] {before + rows}/{total} rows ({errors} errors), {rate:.2f} rows/s, ETA {eta}", flush=True)
+
+
+def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
+    """Run a job to completion (or resume it: same run id) and return its summary (also summary.json)."""
+    if not ray.is_initialized():
+        ray.init()
+    started_at = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    prepared = prepare(spec)
+    spec = prepared.spec
+    inputs = count_input_rows(prepared)
+    total = expected_rows(spec, inputs)
+    before = committed_rows(spec)
+    print(f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {before} rows already committed")
+
+    counter = ProgressCounter.remote()
+    ds = build_pipeline(spec, prepared, progress=counter)
+    stop = threading.Event()
+    thread = threading.Thread(
+        target=report_progress, args=(counter, total, before, start, stop, progress_every_s), daemon=True
+    )
+    thread.start()
+    try:
+        # CPU stages (read and write included) take cpus_per_task: on a small machine, 1 CPU each would
+        # leave nothing beside the model actor and the checkpoint filter actor (1 CPU, not configurable).
+        ds.write_datasink(writer_for(spec, prepared), ray_remote_args={"num_cpus": spec.resources.cpus_per_task})
+    finally:
+        stop.set()
+        thread.join()
+    rows, errors = ray.get(counter.get.remote())
+    ray.kill(counter)
+    wall = time.perf_counter() - start
+    summary = dict(
+        run_id=spec.run_id,
+        kind=spec.kind,
+        status="succeeded",
+        output_dir=spec.run_dir,
+        inputs=inputs,
+        expected_rows=total,
+        rows_committed_before=before,
+        rows_written=rows,
+        errors=errors,
+        wall_time_s=round(wall, 3),
+        rows_per_s=round(rows / wall, 3),
+        started_at=started_at.isoformat(),
+        finished_at=datetime.now(timezone.utc).isoformat(),
+        spec=spec.public_dump(),
+    )
+    write_bytes(join(spec.run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), spec.storage)
+    print(f"[janus-batch] done: {rows} rows ({errors} errors) in {wall:.1f} s -> {spec.run_dir}")
+    return summary
+
+
+def describe_plan(spec: JobSpec) -> str:
+    """The stages a job would run and their resources, for --dry-run (no I/O, no Ray)."""
+    res = spec.resources
+    low, high = res.pool_size()
+    gpus = "auto (1 if the cluster has GPUs, else 0)" if res.gpus_per_actor is None else res.gpus_per_actor
+    pool = f"{low}" if low == high else f"{low}-{high} (autoscaling)"
+    run_dir = join(spec.output.path, spec.run_id or "<new run id>")
+    if isinstance(spec, SynthesizeJob):
+        source = spec.input.path if spec.input else "built-in prompts"
+        steps = [
+            f"read      Parquet prompts from {source} (resume key: row_hash)",
+            f"prepare   check prompts and ids (CPU tasks, {res.cpus_per_task} CPU each)",
+            f"generate  {spec.images_per_prompt} images per prompt, {res.batch_size} prompts per call "
+            f"({pool} actors x {gpus} GPU, {res.cpus_per_actor} CPU)",
+            f"encode    {spec.output.image_format} (CPU tasks)",
+        ]
+    else:
+        steps = [
+            f"read      {spec.input.format} from {spec.input.path}",
+            f"prepare   fetch, decode, resize/pad images (CPU tasks, {res.cpus_per_task} CPU each)",
+            f"{spec.task:<9} {res.batch_size} images per call, up to {spec.max_new_tokens} new tokens "
+            f"({pool} actors x {gpus} GPU, {res.cpus_per_actor} CPU)",
+        ]
+    steps.append(f"write     {spec.output.format} to {run_dir}/data ({spec.output.rows_per_file} rows per file)")
+    return "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(steps))

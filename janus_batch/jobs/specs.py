@@ -1,0 +1,163 @@
+"""Job specifications: what a batch job reads, which model it runs, with what resources, where it writes.
+
+Pydantic models, so a YAML file, CLI flags and Python code all build the same validated object, and a
+mistake is reported with the field's name before anything runs.
+"""
+
+from __future__ import annotations
+
+import secrets
+from datetime import datetime, timezone
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from janus_batch.io.storage import StorageConfig, join
+from janus_batch.io.writers import OutputFormat
+
+
+class Spec(BaseModel):
+    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+
+
+class ModelSpec(Spec):
+    source: str | None = Field(None, description="HF id, local dir or s3:// prefix; None: the embedded tiny model")
+    dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
+        "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+
+
+class ResourceSpec(Spec):
+    actors: int = Field(1, ge=1, description="model actors (a fixed pool), unless min/max_actors are set")
+    min_actors: int | None = Field(None, ge=1, description="autoscaling pool: at least this many actors")
+    max_actors: int | None = Field(None, ge=1, description="autoscaling pool: at most this many actors")
+    gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0 (CPU)")
+    cpus_per_actor: float = Field(1, ge=0)
+    cpus_per_task: float = Field(1, gt=0, description="CPUs per CPU-stage task (decode, encode)")
+    batch_size: int = Field(8, ge=1, description="input rows per model call: prompts, or images")
+    max_batch_rows: int = Field(64, ge=1, description="rows per forward pass inside the engine")
+
+    @model_validator(mode="after")
+    def check_pool(self) -> ResourceSpec:
+        if (self.min_actors is None) != (self.max_actors is None):
+            raise ValueError("set both min_actors and max_actors for an autoscaling pool, or neither")
+        if self.min_actors is not None and self.min_actors > self.max_actors:
+            raise ValueError(f"min_actors ({self.min_actors}) > max_actors ({self.max_actors})")
+        return self
+
+    def pool_size(self) -> tuple[int, int]:
+        if self.min_actors is not None:
+            return self.min_actors, self.max_actors
+        return self.actors, self.actors
+
+
+class OutputSpec(Spec):
+    path: str = Field("outputs", description="local dir or s3:// prefix; the run writes under PATH/RUN_ID/")
+    format: OutputFormat = "parquet"
+    image_format: Literal["png", "jpeg", "webp"] = "png"
+    rows_per_file: int = Field(256, ge=1, description="target rows per output file (one commit unit)")
+
+
+class JobSpec(Spec):
+    model: ModelSpec = Field(default_factory=ModelSpec)
+    resources: ResourceSpec = Field(default_factory=ResourceSpec)
+    output: OutputSpec = Field(default_factory=OutputSpec)
+    storage: StorageConfig = Field(default_factory=StorageConfig)
+    run_id: str | None = Field(
+        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="rerun with the same id to resume; None: new id"
+    )
+
+    def with_run_id(self) -> JobSpec:
+        if self.run_id is not None:
+            return self
+        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
+        return self.model_copy(update={"run_id": f"{stamp}-{secrets.token_hex(3)}"})
+
+    @property
+    def run_dir(self) -> str:
+        assert self.run_id is not None, "resolve the run id first (with_run_id)"
+        return join(self.output.path, self.run_id)
+
+    def public_dump(self) -> dict:
+        """The spec as a dict, secrets masked (for logs, --dry-run and summary.json)."""
+        data = self.model_dump(mode="json")
+        for name in ("key", "secret", "token"):
+            if data["storage"].get(name):
+                data["storage"][name] = "***"
+        return data
+
+
+class PromptInput(Spec):
+    path: str = Field(description="Parquet file or folder, local or s3://")
+    prompt_column: str = "prompt"
+    id_column: str | None = Field("prompt_id", description="None: the prompt text is the id")
+    check_duplicate_ids: bool = Field(True, description="report rows sharing an id (one pass over the id column)")
+
+
+class SynthesizeJob(JobSpec):
+    kind: Literal["synthesize"] = "synthesize"
+    input: PromptInput | None = Field(None, description="None: a small built-in prompt set")
+    images_per_prompt: int = Field(16, ge=1, le=1024)
+    cfg_weight: float = 5.0
+    temperature: float = Field(1.0, ge=0)
+    top_k: int | None = Field(None, ge=1)
+    top_p: float | None = Field(None, gt=0, le=1)
+    seed: int = 0
+    greedy: bool = False
+
+    @model_validator(mode="after")
+    def check_block_size(self) -> SynthesizeJob:
+        # All images of a prompt must land in one write task (one commit); Ray Data splits blocks larger
+        # than the context's target_max_block_size, which the job raises to 1 GiB: keep a batch below it.
+        if self.resources.batch_size * self.images_per_prompt > 1024:
+            raise ValueError(
+                f"batch_size x images_per_prompt = {self.resources.batch_size * self.images_per_prompt} images "
+                "per model call; keep it <= 1024"
+            )
+        return self
+
+
+class ImageInput(Spec):
+    path: str = Field(description="Parquet file or folder, or a folder of image files; local or s3://")
+    format: Literal["parquet", "images"] = "parquet"
+    image_column: str | None = Field("image", description="encoded bytes, or a {bytes, path} struct (HF Image)")
+    image_uri_column: str | None = Field(None, description="local path or s3:// URI per row (instead of bytes)")
+    id_column: str | None = Field("image_id", description="passed through to the output; None: none")
+    question_column: str | None = Field(None, description="VQA: the question per row")
+    check_duplicate_ids: bool = True
+    max_image_bytes: int = Field(32 * 2**20, ge=1)
+
+    @model_validator(mode="after")
+    def one_image_source(self) -> ImageInput:
+        if self.format == "images":
+            return self.model_copy(update=dict(image_column=None, image_uri_column=None, id_column=None))
+        if self.image_uri_column is not None:
+            return self.model_copy(update=dict(image_column=None))
+        if self.image_column is None:
+            raise ValueError("set image_column (bytes) or image_uri_column (paths / URIs)")
+        return self
+
+
+class CaptionJob(JobSpec):
+    """Captioning, or visual question answering with task='vqa' (a question per row)."""
+
+    kind: Literal["caption"] = "caption"
+    task: Literal["caption", "vqa"] = "caption"
+    input: ImageInput
+    instruction: str = Field("Describe this image in detail.", min_length=1)
+    max_new_tokens: int = Field(128, ge=1)
+    greedy: bool = True
+    temperature: float = Field(1.0, ge=0)
+    seed: int = 0
+
+    @model_validator(mode="after")
+    def check_task(self) -> CaptionJob:
+        if self.task == "vqa" and self.input.question_column is None:
+            raise ValueError("task 'vqa' needs input.question_column (the question per row)")
+        if self.task == "caption" and self.input.question_column is not None:
+            raise ValueError("input.question_column is set: use task 'vqa' to answer questions")
+        return self
+
+    @property
+    def text_column(self) -> str:
+        return "answer" if self.task == "vqa" else "caption"

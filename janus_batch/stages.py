@@ -1,0 +1,356 @@
+"""Ray Data callables: CPU preprocessing, the model actor stages, CPU postprocessing.
+
+Every stage takes and returns Arrow tables. A row that cannot be processed keeps flowing with `error` set
+(and no payload), so one bad row never fails its batch, and every input row reaches the output.
+The model stages run inside actors holding one JanusEngine each; everything else runs as CPU tasks,
+so the model never waits on decoding, encoding or writing.
+"""
+
+from __future__ import annotations
+
+import io
+from datetime import datetime, timezone
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from janus_batch.engine import JanusEngine, decode_image, preprocess_image
+from janus_batch.io.readers import row_key
+from janus_batch.io.schemas import ERROR
+from janus_batch.io.storage import StorageConfig, read_bytes
+from janus_batch.io.writers import IMAGE_EXTENSIONS
+
+# ---- shared ----------------------------------------------------------------------------------------------
+
+
+def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageConfig, max_batch_rows: int):
+    import torch
+
+    from janus_batch.model.tiny import ensure_tiny_model
+
+    # The tiny default is written per node into the local cache: a path from the driver may not exist here.
+    source = source or str(ensure_tiny_model())
+    return JanusEngine.from_pretrained(
+        source,
+        dtype=None if dtype == "auto" else getattr(torch, dtype),
+        device="cuda" if gpus > 0 else "cpu",
+        storage_options=storage.storage_options(),
+        max_batch_rows=max_batch_rows,
+    )
+
+
+def describe(e: BaseException) -> str:
+    """An error message for a row: input errors say what is wrong; anything else names its type too."""
+    return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+
+
+def is_device_failure(e: BaseException) -> bool:
+    """Out of GPU memory or a CUDA error: the device's problem, not the row's. Such errors are raised, so
+    Ray retries the task (and restarts the actor) instead of committing every row as an error."""
+    import torch
+
+    return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
+
+
+def type_error(name: str, value: object, expected: str) -> str | None:
+    if value is None:
+        return f"{name} is null"
+    if not isinstance(value, str if expected == "string" else (bytes, bytearray)):
+        return f"{name} must be {expected}, got {type(value).__name__}"
+    return None
+
+
+# ---- synthesize ------------------------------------------------------------------------------------------
+
+QUALITY = {"jpeg": {"quality": 95}, "webp": {"quality": 95}}  # PIL's default 75 shows artifacts
+GENERATED = pa.schema(
+    [
+        ("row_hash", pa.uint64()),
+        ("prompt_id", pa.string()),
+        ("prompt", pa.string()),
+        ("sample_index", pa.int32()),
+        ("pixels", pa.binary()),  # raw uint8 [height, width, 3]
+        ("width", pa.int32()),
+        ("height", pa.int32()),
+        ("model_id", pa.string()),
+        ("weights_hash", pa.string()),
+        (ERROR, pa.string()),
+    ]
+)
+
+
+def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | None, duplicates: set) -> pa.Table:
+    """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing or mistyped prompt or id, or
+    an id shared with another row, get an error; the engine checks the prompt text itself later."""
+    prompts = batch[prompt_column].to_pylist()
+    ids = batch[id_column].to_pylist() if id_column else prompts
+    out_prompts, out_ids, errors = [], [], []
+    for prompt, pid in zip(prompts, ids, strict=True):
+        error = type_error("prompt", prompt, "string")
+        if error is None and id_column:
+            if pid is None:
+                error = f"{id_column} is null"
+            elif pid in duplicates:
+                error = f"duplicate {id_column} {pid!r}: more than one input row has it"
+        out_prompts.append(None if prompt is None else str(prompt))
+        out_ids.append(None if pid is None else str(pid))
+        errors.append(error)
+    return pa.table(
+        {
+            "row_hash": batch["row_hash"],
+            "prompt_id": pa.array(out_ids, pa.string()),
+            "prompt": pa.array(out_prompts, pa.string()),
+            ERROR: pa.array(errors, pa.string()),
+        }
+    )
+
+
+class Synthesizer:
+    """Model stage: (row_hash, prompt_id, prompt, error) -> one row per image, or one error row per prompt."""
+
+    def __init__(self, *, model: dict, gpus: float, storage: StorageConfig, max_batch_rows: int, params: dict):
+        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, max_batch_rows)
+        self.params = params
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            if row[ERROR] is None:
+                row[ERROR] = self.engine.check_prompt(row["prompt"])
+        good = [row for row in rows if row[ERROR] is None]
+        images = {}
+        try:
+            images = self.generate(good)
+        except Exception:
+            # Something in the batch breaks the engine: find which rows, one at a time.
+            for row in good:
+                try:
+                    images.update(self.generate([row]))
+                except Exception as e:
+                    if is_device_failure(e):
+                        raise
+                    row[ERROR] = describe(e)
+
+        out = []
+        model = dict(model_id=self.engine.model_id, weights_hash=self.engine.weights_hash)
+        for row in rows:
+            base = dict(row_hash=row["row_hash"], prompt_id=row["prompt_id"], prompt=row["prompt"], **model)
+            if row[ERROR] is not None:
+                out.append(dict(base, sample_index=None, pixels=None, width=None, height=None, error=row[ERROR]))
+                continue
+            for image in images[row["row_hash"]]:
+                height, width, _ = image.pixels.shape
+                pixels = image.pixels.tobytes()
+                out.append(dict(base, sample_index=image.sample_index, pixels=pixels, width=width, height=height))
+        return pa.Table.from_pylist(out, schema=GENERATED)
+
+    def generate(self, rows: list[dict]) -> dict:
+        if not rows:
+            return {}
+        n = self.params["images_per_prompt"]
+        images = self.engine.generate_images(
+            [r["prompt"] for r in rows], prompt_ids=[r["prompt_id"] for r in rows], **self.params
+        )
+        return {row["row_hash"]: images[i * n : (i + 1) * n] for i, row in enumerate(rows)}
+
+
+def encode_images(
+    batch: pa.Table,
+    *,
+    image_format: str,
+    run_id: str,
+    seed: int,
+    cfg_weight: float,
+    temperature: float,
+    schema: pa.Schema,
+    progress=None,
+) -> pa.Table:
+    """Model output -> output rows: raw pixels encoded as PNG/JPEG/WebP, keys and run metadata."""
+    ext = IMAGE_EXTENSIONS[image_format]
+    keys, images = [], []
+    for row_hash, sample, pixels, width, height in zip(
+        *(batch[c].to_pylist() for c in ("row_hash", "sample_index", "pixels", "width", "height")), strict=True
+    ):
+        key = row_key(row_hash) + ("" if sample is None else f"_{sample:04d}")
+        keys.append(key)
+        if pixels is None:
+            images.append(None)
+            continue
+        array = np.frombuffer(pixels, np.uint8).reshape(height, width, 3)
+        buffer = io.BytesIO()
+        Image.fromarray(array).save(buffer, format=image_format.upper(), **QUALITY.get(image_format, {}))
+        images.append({"bytes": buffer.getvalue(), "path": f"{key}.{ext}"})
+    n = batch.num_rows
+    seeds = pa.array([None if s is None else seed for s in batch["sample_index"].to_pylist()], pa.int64())
+    table = batch.drop_columns(["pixels"]).append_column("key", pa.array(keys, pa.string()))
+    table = table.append_column("image", pa.array(images, schema.field("image").type))
+    table = table.append_column("seed", seeds)
+    table = add_run_columns(
+        table,
+        run_id,
+        cfg_weight=pa.array([cfg_weight] * n, pa.float32()),
+        temperature=pa.array([temperature] * n, pa.float32()),
+    )
+    report(progress, table)
+    return table.select(schema.names).cast(schema)
+
+
+# ---- caption / VQA ---------------------------------------------------------------------------------------
+
+PREPARED_IMAGE = "pixels"  # float32 [3, S, S] in [-1, 1], as raw bytes
+
+
+def prepare_images(
+    batch: pa.Table,
+    *,
+    resume_key: str,
+    image_column: str | None,
+    image_uri_column: str | None,
+    id_column: str | None,
+    question_column: str | None,
+    passthrough: list[str],
+    duplicates: set,
+    image_size: int,
+    storage: StorageConfig,
+    max_image_bytes: int,
+) -> pa.Table:
+    """Input rows -> (resume key, passthrough id columns, question, pixels, error): fetch, decode and
+    preprocess each image as DeepSeek does; any failure (missing file, not an image, truncated, too large,
+    ...) is the row's error."""
+    n = batch.num_rows
+    ids = batch[id_column].to_pylist() if id_column else [None] * n
+    questions = batch[question_column].to_pylist() if question_column else [None] * n
+    if image_uri_column:
+        sources = batch[image_uri_column].to_pylist()
+    elif image_column:
+        sources = batch[image_column].to_pylist()
+    else:  # an image folder: read_binary_files' columns
+        sources = batch["bytes"].to_pylist()
+    pixels, errors = [], []
+    for source, image_id, question in zip(sources, ids, questions, strict=True):
+        error, array = None, None
+        if id_column and image_id is not None and image_id in duplicates:
+            error = f"duplicate {id_column} {image_id!r}: more than one input row has it"
+        elif question_column:
+            error = type_error("question", question, "string") or (None if question.strip() else "empty question")
+        if error is None:
+            try:
+                data = image_bytes(source, image_uri_column, storage, max_image_bytes)
+                array = preprocess_image(decode_image(data), image_size)
+            except Exception as e:
+                error = describe(e)
+        pixels.append(None if array is None else array.tobytes())
+        errors.append(error)
+    columns = {name: batch[name] for name in dict.fromkeys([resume_key, *passthrough])}
+    columns["question"] = pa.array([q if isinstance(q, str) else None for q in questions], pa.string())
+    columns[PREPARED_IMAGE] = pa.array(pixels, pa.binary())
+    columns[ERROR] = pa.array(errors, pa.string())
+    return pa.table(columns)
+
+
+def image_bytes(source: object, uri_column: str | None, storage: StorageConfig, max_bytes: int) -> bytes:
+    if uri_column:
+        if error := type_error(uri_column, source, "string"):
+            raise ValueError(error)
+        return read_bytes(source, storage, max_bytes)
+    if isinstance(source, dict):  # a Hugging Face Image struct
+        source = source.get("bytes")
+    if source is None:
+        raise ValueError("image is null")
+    if not isinstance(source, (bytes, bytearray)):
+        raise ValueError(f"image must be bytes, got {type(source).__name__}")
+    if len(source) > max_bytes:
+        raise ValueError(f"image of {len(source)} bytes exceeds the limit of {max_bytes}")
+    return bytes(source)
+
+
+class Describer:
+    """Model stage for captioning and VQA: prepared images (+ questions) -> text, tokens, finish reason."""
+
+    def __init__(
+        self,
+        *,
+        model: dict,
+        gpus: float,
+        storage: StorageConfig,
+        max_batch_rows: int,
+        params: dict,
+        resume_key: str,
+        text_column: str,
+    ):
+        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, max_batch_rows)
+        self.params = params
+        self.resume_key = resume_key
+        self.text_column = text_column
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        size = self.engine.image_size
+        errors = batch[ERROR].to_pylist()
+        keys = [row_key(k) for k in batch[self.resume_key].to_pylist()]
+        good = [i for i, e in enumerate(errors) if e is None]
+        pixels = batch[PREPARED_IMAGE].to_pylist()
+        questions = batch["question"].to_pylist()
+        arrays = {i: np.frombuffer(pixels[i], np.float32).reshape(3, size, size) for i in good}
+        results = {}
+        try:
+            results = self.understand(good, arrays, questions, keys)
+        except Exception:
+            for i in good:  # find the rows that break the engine, one at a time
+                try:
+                    results.update(self.understand([i], arrays, questions, keys))
+                except Exception as e:
+                    if is_device_failure(e):
+                        raise
+                    errors[i] = describe(e)
+        n = batch.num_rows
+        done = [results.get(i) for i in range(n)]
+        columns = {
+            "key": pa.array(keys, pa.string()),
+            self.text_column: pa.array([r and r.text for r in done], pa.string()),
+            "num_tokens": pa.array([r and r.num_tokens for r in done], pa.int32()),
+            "finish_reason": pa.array([r and r.finish_reason for r in done], pa.string()),
+            "model_id": pa.array([self.engine.model_id] * n, pa.string()),
+            "weights_hash": pa.array([self.engine.weights_hash] * n, pa.string()),
+            ERROR: pa.array(errors, pa.string()),
+        }
+        table = batch.drop_columns([PREPARED_IMAGE, ERROR])
+        for name, array in columns.items():
+            table = table.append_column(name, array)
+        return table
+
+    def understand(self, rows: list[int], arrays: dict, questions: list, keys: list[str]) -> dict:
+        if not rows:
+            return {}
+        results = self.engine.understand(
+            [arrays[i] for i in rows], [questions[i] for i in rows], row_ids=[keys[i] for i in rows], **self.params
+        )
+        return dict(zip(rows, results, strict=True))
+
+
+def finish_text_rows(batch: pa.Table, *, run_id: str, schema: pa.Schema, progress=None) -> pa.Table:
+    table = add_run_columns(batch, run_id)
+    report(progress, table)
+    return table.select(schema.names).cast(schema)
+
+
+# ---- postprocessing helpers ------------------------------------------------------------------------------
+
+
+def add_run_columns(table: pa.Table, run_id: str, **columns: pa.Array) -> pa.Table:
+    n = table.num_rows
+    now = datetime.now(timezone.utc)
+    columns = dict(
+        columns,
+        run_id=pa.array([run_id] * n, pa.string()),
+        created_at=pa.array([now] * n, pa.timestamp("us", tz="UTC")),
+    )
+    for name, array in columns.items():
+        table = table.append_column(name, array)
+    return table
+
+
+def report(progress, table: pa.Table) -> None:
+    """Tell the job's progress counter about finished rows (fire and forget)."""
+    if progress is not None:
+        progress.add.remote(table.num_rows, table.num_rows - table[ERROR].null_count)

@@ -1,0 +1,287 @@
+"""Batch jobs without a Ray cluster: specs and their messages, the CLI, S3 configuration, the stage callables
+on good and bad rows, and the checks that fail a bad job before any model is loaded."""
+
+from __future__ import annotations
+
+import json
+import runpy
+import sys
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+import pytest
+import s3fs
+from PIL import Image
+from pydantic import ValidationError
+
+from janus_batch import stages
+from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
+from janus_batch.jobs.pipeline import prepare
+from janus_batch.jobs.specs import CaptionJob, SynthesizeJob
+from tests.jobs_data import encoded, sample_images, write_parquet
+
+pytest_plugins = ["tests.jobs_fixtures"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+# ---- specs and CLI ---------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    "data,message",
+    [
+        ({"images_per_prompt": 0}, "images_per_prompt"),
+        ({"resources": {"min_actors": 2}}, "set both min_actors and max_actors"),
+        ({"resources": {"min_actors": 3, "max_actors": 2}}, "min_actors (3) > max_actors (2)"),
+        ({"resources": {"batch_size": 64}, "images_per_prompt": 32}, "keep it <= 1024"),
+        ({"output": {"format": "csv"}}, "output.format"),
+        ({"run_id": "../escape"}, "run_id"),
+        ({"promts": "typo"}, "promts"),
+    ],
+)
+def test_synthesize_spec_messages_name_the_field(data, message):
+    with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
+        SynthesizeJob.model_validate(data)
+
+
+def test_caption_spec_modes():
+    with pytest.raises(ValidationError, match="needs input.question_column"):
+        CaptionJob.model_validate({"task": "vqa", "input": {"path": "x"}})
+    with pytest.raises(ValidationError, match="use task 'vqa'"):
+        CaptionJob.model_validate({"input": {"path": "x", "question_column": "q"}})
+    uri = CaptionJob.model_validate({"input": {"path": "x", "image_uri_column": "url"}})
+    assert uri.input.image_column is None  # a URI column replaces the default bytes column
+    folder = CaptionJob.model_validate({"input": {"path": "x", "format": "images"}})
+    assert folder.input.id_column is None and folder.text_column == "caption"
+
+
+def run_script(script: str, args: list[str], monkeypatch) -> None:
+    """A pipelines/ script as `python pipelines/SCRIPT ARGS` runs it, in this process (no import cost)."""
+    monkeypatch.setattr(sys, "argv", [script, *args])
+    runpy.run_path(str(REPO / "pipelines" / script), run_name="__main__")
+
+
+def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
+    config = tmp_path / "job.yaml"
+    config.write_text(
+        "input: {path: s3://b/prompts.parquet, prompt_column: text}\n"
+        "images_per_prompt: 8\n"
+        "storage: {endpoint_url: 'http://127.0.0.1:9000', key: AKIA, secret: hunter2}\n"
+        "output: {path: s3://b/out, format: webdataset}\n"
+    )
+    args = ["--config", str(config), "--images-per-prompt", "3", "--actors", "2", "--dry-run"]
+    run_script("synthesize.py", args, monkeypatch)
+    out = capsys.readouterr().out
+    spec = json.loads(out[: out.index("plan (")])
+    assert spec["images_per_prompt"] == 3 and spec["resources"]["actors"] == 2  # flags override the file
+    assert spec["input"]["prompt_column"] == "text" and spec["output"]["format"] == "webdataset"
+    assert spec["storage"]["secret"] == "***" and "hunter2" not in out
+    assert "3 images per prompt" in out and "webdataset to s3://b/out/<new run id>/data" in out
+
+    with pytest.raises(SystemExit, match="needs input.question_column"):
+        run_script("vqa.py", ["--input", "x.parquet", "--dry-run"], monkeypatch)
+
+
+# ---- storage ---------------------------------------------------------------------------------------------
+
+
+def test_storage_config_arrow_and_fsspec_reach_the_same_store(storage, bucket, s3_server):
+    write_bytes(f"{bucket}/a/b.bin", b"hello", storage)  # pyarrow, scheme http from the endpoint
+    assert s3fs.S3FileSystem(**storage.storage_options()).cat(f"{bucket}/a/b.bin") == b"hello"
+    assert read_bytes(f"{bucket}/a/b.bin", storage, 100) == b"hello"
+    with pytest.raises(ValueError, match="exceeds the limit of 3"):
+        read_bytes(f"{bucket}/a/b.bin", storage, 3)
+
+
+def test_profile_resolves_to_explicit_keys(tmp_path, monkeypatch):
+    (tmp_path / "credentials").write_text("[batch]\naws_access_key_id = AKIDX\naws_secret_access_key = SECRETX\n")
+    (tmp_path / "config").write_text("[profile batch]\nregion = eu-west-3\n")
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
+    resolved = StorageConfig(profile="batch").resolved()
+    assert (resolved.key, resolved.secret, resolved.region, resolved.profile) == ("AKIDX", "SECRETX", "eu-west-3", None)
+
+
+# ---- CPU stages ------------------------------------------------------------------------------------------
+
+
+def test_prepare_prompts_reports_each_bad_row():
+    batch = pa.table(
+        {
+            "prompt": ["a fox", None, "a cat", "a dog", "an owl"],
+            "prompt_id": ["p0", "p1", None, "dup", "dup"],
+            "row_hash": pa.array([1, 2, 3, 4, 5], pa.uint64()),
+        }
+    )
+    out = stages.prepare_prompts(batch, prompt_column="prompt", id_column="prompt_id", duplicates={"dup"})
+    assert out["error"].to_pylist() == [
+        None,
+        "prompt is null",
+        "prompt_id is null",
+        "duplicate prompt_id 'dup': more than one input row has it",
+        "duplicate prompt_id 'dup': more than one input row has it",
+    ]
+    wrong_type = pa.table({"prompt": [7], "prompt_id": [1], "row_hash": pa.array([9], pa.uint64())})
+    out = stages.prepare_prompts(wrong_type, prompt_column="prompt", id_column="prompt_id", duplicates=set())
+    assert out.to_pylist() == [
+        {"row_hash": 9, "prompt_id": "1", "prompt": "7", "error": "prompt must be string, got int"}
+    ]
+    no_ids = stages.prepare_prompts(batch.slice(0, 1), prompt_column="prompt", id_column=None, duplicates=set())
+    assert no_ids["prompt_id"].to_pylist() == ["a fox"]  # the prompt text is the id
+
+
+def prepared_images(batch: pa.Table, storage: StorageConfig, **kwargs) -> pa.Table:
+    args = dict(
+        resume_key="row_hash",
+        image_column="image",
+        image_uri_column=None,
+        id_column="image_id",
+        question_column=None,
+        passthrough=["image_id"],
+        duplicates=set(),
+        image_size=64,
+        storage=storage,
+        max_image_bytes=100_000,
+    )
+    return stages.prepare_images(batch, **{**args, **kwargs})
+
+
+def test_prepare_images_reports_each_bad_row(tmp_path, storage):
+    good = sample_images(2)
+    png = encoded(Image.new("RGB", (30, 50), (10, 200, 30)))
+    cases = [
+        (good[0], None),
+        ({"bytes": good[1], "path": "x.jpg"}, None),  # a Hugging Face Image struct
+        (png[: len(png) // 2], "corrupt or truncated"),
+        (b"this is not an image", "not a decodable image"),
+        (b"", "empty image bytes"),
+        (None, "image is null"),
+        (encoded(Image.fromarray(np.random.default_rng(0).integers(0, 255, (250, 250, 3), np.uint8))), "exceeds"),
+    ]
+    structs = [c if isinstance(c, dict) else (None if c is None else {"bytes": c, "path": None}) for c, _ in cases]
+    batch = pa.table(
+        {
+            "image": structs,
+            "image_id": [f"i{i}" for i in range(len(cases))],
+            "row_hash": pa.array(range(len(cases)), pa.uint64()),
+        }
+    )
+    out = prepared_images(batch, storage)
+    for (_, expected), error, pixels in zip(cases, out["error"].to_pylist(), out["pixels"].to_pylist(), strict=True):
+        if expected is None:
+            assert error is None
+            array = np.frombuffer(pixels, np.float32).reshape(3, 64, 64)
+            assert array.min() >= -1 and array.max() <= 1
+        else:
+            assert expected in error and pixels is None
+    assert out.column_names == ["row_hash", "image_id", "question", "pixels", "error"]
+
+
+def test_prepare_images_from_uris_and_questions(tmp_path, storage):
+    (tmp_path / "ok.png").write_bytes(sample_images(1)[0])
+    batch = pa.table(
+        {
+            "url": [str(tmp_path / "ok.png"), str(tmp_path / "missing.png"), str(tmp_path / "ok.png"), None],
+            "question": ["what?", "what?", "  ", "what?"],
+            "row_hash": pa.array(range(4), pa.uint64()),
+        }
+    )
+    out = prepared_images(
+        batch, storage, image_column=None, image_uri_column="url", id_column=None, question_column="question",
+        passthrough=["url"],
+    )  # fmt: skip
+    errors = out["error"].to_pylist()
+    assert errors[0] is None and errors[1].startswith("no such file") and errors[2] == "empty question"
+    assert errors[3] == "url is null"
+
+
+# ---- model stages, called directly -------------------------------------------------------------------------
+
+
+def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatch):
+    stage = stages.Synthesizer(
+        model={"source": str(tiny_model_dir), "dtype": "auto"},
+        gpus=0,
+        storage=storage,
+        max_batch_rows=8,
+        params=dict(images_per_prompt=2, cfg_weight=5.0, temperature=1.0, top_k=None, top_p=None, seed=0, greedy=False),
+    )
+    batch = pa.table(
+        {
+            "row_hash": pa.array([1, 2, 3, 4], pa.uint64()),
+            "prompt_id": ["a", "b", "c", "d"],
+            "prompt": ["a fox", "   ", "x " * 3000, "a cat"],
+            "error": [None, None, None, None],
+        }
+    )
+    out = stage(batch).to_pylist()
+    assert [(r["prompt_id"], r["sample_index"]) for r in out] == [
+        ("a", 0),
+        ("a", 1),
+        ("b", None),
+        ("c", None),
+        ("d", 0),
+        ("d", 1),
+    ]
+    assert out[2]["error"] == "empty prompt" and out[3]["error"].startswith("prompt too long")
+    assert len(out[0]["pixels"]) == 64 * 64 * 3 and out[0]["width"] == 64
+
+    # An engine failure that only some rows cause is pinned on those rows; the others still get images.
+    real = stage.engine.generate_images
+
+    def flaky(prompts, **kwargs):
+        if "a cat" in prompts:
+            raise RuntimeError("boom")
+        return real(prompts, **kwargs)
+
+    monkeypatch.setattr(stage.engine, "generate_images", flaky)
+    out = stage(pa.concat_tables([batch.slice(0, 1), batch.slice(3, 1)])).to_pylist()
+    assert [(r["prompt_id"], r["error"]) for r in out] == [("a", None), ("a", None), ("d", "RuntimeError: boom")]
+
+
+def test_describer_caption_and_vqa(tiny_model_dir, storage):
+    batch = pa.table(
+        {
+            "row_hash": pa.array([1, 2, 3], pa.uint64()),
+            "image_id": ["x", "y", "z"],
+            "image": [{"bytes": b, "path": None} for b in sample_images(2)] + [{"bytes": b"junk", "path": None}],
+        }
+    )
+    prepared = prepared_images(batch, storage)
+    stage = stages.Describer(
+        model={"source": str(tiny_model_dir), "dtype": "auto"},
+        gpus=0,
+        storage=storage,
+        max_batch_rows=8,
+        params=dict(
+            instruction="Describe this image in detail.", max_new_tokens=5, greedy=True, temperature=1.0, seed=0
+        ),
+        resume_key="row_hash",
+        text_column="caption",
+    )
+    out = stage(prepared).to_pylist()
+    assert [r["image_id"] for r in out] == ["x", "y", "z"]
+    assert all(isinstance(r["caption"], str) and 1 <= r["num_tokens"] <= 5 for r in out[:2])
+    assert out[2]["caption"] is None and "not a decodable image" in out[2]["error"]
+    assert out[0]["key"] == "0000000000000001"
+
+
+# ---- fail fast -------------------------------------------------------------------------------------------
+
+
+def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir):
+    prompts = write_parquet(pa.table({"text": ["a"], "prompt_id": ["p"]}), f"{bucket}/in/p.parquet", storage)
+    base = {"output": {"path": str(tmp_path / "out")}, "storage": storage.model_dump()}
+    with pytest.raises(ValueError, match=r"has no prompt column 'prompt'; its columns are \['text', 'prompt_id'\]"):
+        prepare(SynthesizeJob.model_validate({**base, "input": {"path": prompts}}))
+    with pytest.raises(FileNotFoundError, match="input path does not exist"):
+        prepare(SynthesizeJob.model_validate({**base, "input": {"path": f"{bucket}/nothing/here"}}))
+    with pytest.raises(OSError, match="cannot read input"):
+        bad_creds = storage.model_copy(update={"endpoint_url": "http://127.0.0.1:9"})  # nothing listens there
+        prepare(SynthesizeJob.model_validate({**base, "storage": bad_creds.model_dump(), "input": {"path": prompts}}))
+    with pytest.raises(ValueError, match="cannot read the config of model '/no/such/model'"):
+        job = {**base, "input": {"path": prompts, "prompt_column": "text"}, "model": {"source": "/no/such/model"}}
+        prepare(SynthesizeJob.model_validate(job))
+    with pytest.raises(ValueError, match="has no image column 'image'"):
+        prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
