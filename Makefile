@@ -7,9 +7,9 @@ setup: .venv/.installed
 	bash scripts/setup.sh
 	touch $@
 
-# The main job on the embedded tiny default: synthesize images, then caption them, under ./outputs/demo.
+# The main job on the embedded tiny default: synthesize images with Ray Data, under ./outputs/RUN_ID/.
 run: setup
-	.venv/bin/python -m janus_batch.demo
+	.venv/bin/python pipelines/synthesize.py
 
 test: setup
 	.venv/bin/ruff check .
