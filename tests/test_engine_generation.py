@@ -176,3 +176,18 @@ def test_sampled_later_steps_match_reference_multinomial(engine):
     ref, _ = reference_generate(engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4)
     for step in range(4):
         assert two_sample_pvalue(mine[:, step], ref[:, step].numpy()) > P_MIN, step
+
+
+def test_bad_prompts_get_specific_errors(engine):
+    assert engine.check_prompt("a red fox") is None
+    for prompt, message in [("", "empty prompt"), ("   \n", "empty prompt"), (None, "must be a string")]:
+        assert message in engine.check_prompt(prompt)
+        with pytest.raises(ValueError, match=message):
+            engine.generate_images([prompt])
+    # The tiny model has 2048 positions: 16 image tokens leave room for ~2000 prompt tokens.
+    with pytest.raises(ValueError, match="prompt too long: .* exceeds the model's context of 2048"):
+        engine.generate_images(["fox " * 3000])
+    with pytest.raises(ValueError, match="prompt_ids"):
+        engine.generate_images(["a", "b"], prompt_ids=["only-one"])
+    with pytest.raises(ValueError, match="images_per_prompt"):
+        engine.generate_images(["a"], images_per_prompt=0)
