@@ -3,13 +3,16 @@ batch invariance and per-image seeds."""
 
 from __future__ import annotations
 
+from collections import Counter
+
 import numpy as np
 import pytest
 import torch
+from PIL import Image
 from scipy.stats import chi2_contingency, chisquare
 
-from janus_batch.engine import JanusEngine
-from janus_batch.engine.engine import generation_prompt
+from janus_batch.engine import JanusEngine, decoder
+from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt
 from janus_batch.engine.sampling import id32, row_key
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import first_step_distribution, reference_generate
@@ -191,3 +194,54 @@ def test_bad_prompts_get_specific_errors(engine):
         engine.generate_images(["a", "b"], prompt_ids=["only-one"])
     with pytest.raises(ValueError, match="images_per_prompt"):
         engine.generate_images(["a"], images_per_prompt=0)
+
+
+# ---- designed for the GPU path -----------------------------------------------------------------------
+
+
+def count_host_round_trips(monkeypatch) -> Counter:
+    """Counts what costs a host round trip on a GPU: tensors made from Python data (a blocking copy to the
+    device), `.item()`, `.tolist()` and `bool()` of a tensor (a wait for the device)."""
+    counts: Counter = Counter()
+
+    def counting(name, fn):
+        def wrapper(*args, **kwargs):
+            counts[name] += 1
+            return fn(*args, **kwargs)
+
+        return wrapper
+
+    monkeypatch.setattr(torch, "tensor", counting("tensor", torch.tensor))
+    for method in ("item", "tolist", "__bool__"):
+        monkeypatch.setattr(torch.Tensor, method, counting(method, getattr(torch.Tensor, method)))
+    return counts
+
+
+def test_decode_loops_make_no_host_round_trip_per_step(engine, monkeypatch):
+    steps = 0
+    forward = decoder.forward
+
+    def counted_forward(*args):
+        nonlocal steps
+        steps += 1
+        return forward(*args)
+
+    monkeypatch.setattr(decoder, "forward", counted_forward)
+    counts = count_host_round_trips(monkeypatch)
+    ids = prompt_ids(engine, "a red fox")
+    engine.generate_image_tokens([ids, ids[:3] + ids[-2:]], [1, 2], 5.0, 1.0)
+    assert steps == engine.num_gen_tokens  # one prefill, then one forward per token after the first
+    assert sum(counts.values()) <= 3, counts  # the batch's ids, padding and sampling keys; nothing per step
+
+    # Understanding checks for all rows done once every STOP_CHECK_EVERY steps, and nothing else.
+    never_stops = JanusEngine(engine.model, engine.processor)
+    never_stops.eos_id = -1
+    image = Image.new("RGB", (40, 30), (200, 10, 10))
+    per_call = []
+    for max_new_tokens in (8, 40):
+        counts.clear()
+        never_stops.generate_text_tokens(
+            [never_stops.encode("x")], np.stack([never_stops.prepare_image(image)]), [0], max_new_tokens, 0.0
+        )
+        per_call.append(sum(counts.values()))
+    assert per_call[1] - per_call[0] == 32 // STOP_CHECK_EVERY, per_call

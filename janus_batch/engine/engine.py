@@ -209,22 +209,23 @@ class JanusEngine:
         cache = decoder.KVCache.allocate(lm, 2 * n, prompt_len + self.num_gen_tokens, device, self.dtype)
         row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
         codes = sampling.vocab_codes(model.config.vq_config.num_embeddings, device)
+        # Step numbers and cache slots live on the device, read by index: no host-to-device copy per step.
+        step_ids = torch.arange(self.num_gen_tokens, device=device)
+        slot_ids = torch.arange(cache.max_len, device=device)
 
         def next_token(hidden: torch.Tensor, step: int) -> torch.Tensor:
             logits = model.model.generation_head(hidden).float()
             cond, uncond_logits = logits[:n], logits[n:]
             mixed = uncond_logits + cfg_weight * (cond - uncond_logits)
-            step_t = torch.tensor(step, dtype=torch.int64, device=device)
-            return sampling.sample(mixed, row_keys, step_t, codes, temperature, top_k, top_p)
+            return sampling.sample(mixed, row_keys, step_ids[step], codes, temperature, top_k, top_p)
 
-        slots = torch.arange(prompt_len, device=device)
-        hidden = decoder.forward(lm, lm.embed_tokens(ids), slots, pad_lens, cache, prompt_len)
+        hidden = decoder.forward(lm, lm.embed_tokens(ids), slot_ids[:prompt_len], pad_lens, cache, prompt_len)
         out = torch.empty((n, self.num_gen_tokens), dtype=torch.long, device=device)
         out[:, 0] = next_token(hidden[:, -1], 0)
         for step in range(1, self.num_gen_tokens):
             slot = prompt_len + step - 1
             embeds = model.prepare_embeddings_for_image_generation(out[:, step - 1].repeat(2))[:, None]
-            slots = torch.full((1,), slot, dtype=torch.long, device=device)
+            slots = slot_ids[slot : slot + 1]
             kv_len = decoder.kv_read_len(slot, cache.max_len)
             hidden = decoder.forward(lm, embeds, slots, pad_lens, cache, kv_len)
             out[:, step] = next_token(hidden[:, -1], step)
@@ -321,20 +322,20 @@ class JanusEngine:
         codes = sampling.vocab_codes(model.config.text_config.vocab_size, device)
         out = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
+        step_ids = torch.arange(max_new_tokens, device=device)
+        slot_ids = torch.arange(cache.max_len, device=device)
 
-        slots = torch.arange(prompt_len, device=device)
-        hidden = decoder.forward(lm, embeds, slots, pad_lens, cache, prompt_len)
+        hidden = decoder.forward(lm, embeds, slot_ids[:prompt_len], pad_lens, cache, prompt_len)
         for step in range(max_new_tokens):
             logits = model.lm_head(hidden[:, -1])
-            step_t = torch.tensor(step, dtype=torch.int64, device=device)
-            token = sampling.sample(logits, row_keys, step_t, codes, temperature)
+            token = sampling.sample(logits, row_keys, step_ids[step], codes, temperature)
             token = token.masked_fill(done, self.pad_id)
             out[:, step] = token
             done |= token == self.eos_id
             if step + 1 == max_new_tokens or ((step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
                 return out[:, : step + 1]
             slot = prompt_len + step
-            slots = torch.full((1,), slot, dtype=torch.long, device=device)
+            slots = slot_ids[slot : slot + 1]
             kv_len = decoder.kv_read_len(slot, cache.max_len)
             hidden = decoder.forward(lm, lm.embed_tokens(token[:, None]), slots, pad_lens, cache, kv_len)
         return out
