@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import runpy
 import sys
+from datetime import datetime, timezone
 from pathlib import Path
 
 import numpy as np
@@ -18,7 +19,7 @@ from pydantic import ValidationError
 from janus_batch import stages
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.jobs.pipeline import prepare
-from janus_batch.jobs.specs import CaptionJob, SynthesizeJob
+from janus_batch.jobs.specs import RUN_ID, CaptionJob, SynthesizeJob, resolve_run_id
 from tests.jobs_data import encoded, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -37,12 +38,28 @@ REPO = Path(__file__).resolve().parents[1]
         ({"resources": {"batch_size": 64}, "images_per_prompt": 32}, "keep it <= 1024"),
         ({"output": {"format": "csv"}}, "output.format"),
         ({"run_id": "../escape"}, "run_id"),
+        ({"run_id": "nightly-{now:%H:%M}"}, "letters, digits"),
+        ({"run_id": "nightly-{day}"}, "the only placeholder is"),
         ({"promts": "typo"}, "promts"),
     ],
 )
 def test_synthesize_spec_messages_name_the_field(data, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SynthesizeJob.model_validate(data)
+
+
+def test_run_id_templates_name_the_slot(monkeypatch):
+    # A scheduled run's id comes from its slot: two firings in one slot resume one run, the next slot is new.
+    spec = SynthesizeJob(run_id="nightly-{now:%Y%m%d}")
+    before = datetime.now(timezone.utc)
+    run_id = spec.with_run_id().run_id
+    assert run_id in {f"nightly-{t:%Y%m%d}" for t in (before, datetime.now(timezone.utc))}
+    assert resolve_run_id("nightly-{now:%Y%m%d}", datetime(2026, 3, 1, 23, 59, tzinfo=timezone.utc)) == (
+        "nightly-20260301"
+    )
+    assert SynthesizeJob(run_id="r1").with_run_id().run_id == "r1"
+    fresh = {SynthesizeJob().with_run_id().run_id for _ in range(3)}  # no id: a new one every time
+    assert len(fresh) == 3 and all(RUN_ID.fullmatch(r) for r in fresh)
 
 
 def test_caption_spec_modes():
@@ -81,6 +98,14 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(SystemExit, match="needs input.question_column"):
         run_script("vqa.py", ["--input", "x.parquet", "--dry-run"], monkeypatch)
+
+    # A run-id template is shown resolved, as the run would use it.
+    before = datetime.now(timezone.utc)
+    run_script("synthesize.py", ["--run-id", "daily-{now:%Y%m%d}", "--dry-run"], monkeypatch)
+    out = capsys.readouterr().out
+    run_id = json.loads(out[: out.index("plan (")])["run_id"]
+    assert run_id in {f"daily-{t:%Y%m%d}" for t in (before, datetime.now(timezone.utc))}
+    assert f"outputs/{run_id}/data" in out
 
 
 # ---- storage ---------------------------------------------------------------------------------------------

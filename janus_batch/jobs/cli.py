@@ -90,6 +90,8 @@ def main(cls: type[JobSpec], parser: argparse.ArgumentParser, flags: dict[str, s
     from janus_batch.jobs.pipeline import describe_plan, run
 
     if args.dry_run:
+        if spec.run_id is not None:  # show the id this run would use; a new one is made only when it runs
+            spec = spec.with_run_id()
         print(json.dumps(spec.public_dump(), indent=2))
         print(f"plan ({spec.kind}):")
         print(describe_plan(spec))

@@ -6,14 +6,29 @@ mistake is reported with the field's name before anything runs.
 
 from __future__ import annotations
 
+import re
 import secrets
 from datetime import datetime, timezone
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from janus_batch.io.storage import StorageConfig, join
 from janus_batch.io.writers import OutputFormat
+
+RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+
+
+def resolve_run_id(template: str, now: datetime) -> str:
+    """A run id, with `{now:STRFTIME}` placeholders filled in from `now` (UTC), e.g. 'nightly-{now:%Y%m%d}':
+    a scheduled job gets one id per slot, so a schedule that fires twice in a slot resumes, never redoes."""
+    try:
+        run_id = template.format(now=now)
+    except (KeyError, IndexError, ValueError) as e:
+        raise ValueError(f"run_id {template!r}: the only placeholder is {{now:STRFTIME}} ({e})") from None
+    if not RUN_ID.fullmatch(run_id):
+        raise ValueError(f"run_id {run_id!r} (from {template!r}): use letters, digits, '.', '_' and '-' only")
+    return run_id
 
 
 class Spec(BaseModel):
@@ -64,14 +79,25 @@ class JobSpec(Spec):
     output: OutputSpec = Field(default_factory=OutputSpec)
     storage: StorageConfig = Field(default_factory=StorageConfig)
     run_id: str | None = Field(
-        None, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]*$", description="rerun with the same id to resume; None: new id"
+        None,
+        description="rerun with the same id to resume; {now:STRFTIME} is filled in (UTC) at the start; None: new id",
     )
 
+    @field_validator("run_id")
+    @classmethod
+    def check_run_id(cls, run_id: str | None) -> str | None:
+        if run_id is not None:
+            resolve_run_id(run_id, datetime(2000, 1, 1, tzinfo=timezone.utc))  # any date shows a bad template
+        return run_id
+
     def with_run_id(self) -> JobSpec:
-        if self.run_id is not None:
-            return self
-        stamp = datetime.now(timezone.utc).strftime("%Y%m%d-%H%M%S")
-        return self.model_copy(update={"run_id": f"{stamp}-{secrets.token_hex(3)}"})
+        """The spec with its run id resolved: the template filled in, or a new unique id."""
+        now = datetime.now(timezone.utc)
+        if self.run_id is None:
+            run_id = f"{now:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+        else:
+            run_id = resolve_run_id(self.run_id, now)
+        return self.model_copy(update={"run_id": run_id})
 
     @property
     def run_dir(self) -> str:
