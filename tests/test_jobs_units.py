@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from janus_batch import stages
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
-from janus_batch.jobs.pipeline import prepare
+from janus_batch.jobs.pipeline import cpu_shortfall, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, SynthesizeJob, resolve_run_id
 from tests.jobs_data import encoded, sample_images, write_parquet
 
@@ -65,6 +65,13 @@ def test_run_id_templates_name_the_slot(monkeypatch):
 def test_caption_spec_modes():
     with pytest.raises(ValidationError, match="needs input.question_column"):
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x"}})
+    # e.g. captioning a synthesized corpus by its `key`: the output has a `key` of its own.
+    with pytest.raises(ValidationError, match="input.id_column 'key' is passed through to the output"):
+        CaptionJob.model_validate({"input": {"path": "x", "id_column": "key"}})
+    with pytest.raises(ValidationError, match="input.image_uri_column 'answer'"):
+        CaptionJob.model_validate(
+            {"task": "vqa", "input": {"path": "x", "image_uri_column": "answer", "question_column": "q"}}
+        )
     with pytest.raises(ValidationError, match="use task 'vqa'"):
         CaptionJob.model_validate({"input": {"path": "x", "question_column": "q"}})
     uri = CaptionJob.model_validate({"input": {"path": "x", "image_uri_column": "url"}})
@@ -293,6 +300,19 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
 
 
 # ---- fail fast -------------------------------------------------------------------------------------------
+
+
+def test_cpu_shortfall_is_named_before_a_run_would_wait_forever():
+    # Seen on 2 CPUs: a resumed run with the default 1 CPU per model actor waits for a 3rd CPU that never comes.
+    default = SynthesizeJob()
+    assert cpu_shortfall(default, 2, resuming=False) is None
+    warning = cpu_shortfall(default, 2, resuming=True)
+    assert warning.startswith("this resumed run needs 3 CPUs to start") and "the cluster has 2" in warning
+    assert "--cpus-per-actor" in warning
+    small = SynthesizeJob(resources={"actors": 1, "cpus_per_actor": 0})
+    assert cpu_shortfall(small, 2, resuming=True) is None
+    pool = SynthesizeJob(resources={"min_actors": 4, "max_actors": 8, "cpus_per_actor": 2})  # the minimum counts
+    assert cpu_shortfall(pool, 9, resuming=False) is None and "needs 10 CPUs" in cpu_shortfall(pool, 9, True)
 
 
 def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir):

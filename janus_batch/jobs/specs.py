@@ -13,6 +13,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
+from janus_batch.io.schemas import ROW_HASH, understanding_schema
 from janus_batch.io.storage import StorageConfig, join
 from janus_batch.io.writers import OutputFormat
 
@@ -182,6 +183,15 @@ class CaptionJob(JobSpec):
             raise ValueError("task 'vqa' needs input.question_column (the question per row)")
         if self.task == "caption" and self.input.question_column is not None:
             raise ValueError("input.question_column is set: use task 'vqa' to answer questions")
+        # Passed-through columns keep their names: one named like an output column would collide with it.
+        outputs = understanding_schema(ROW_HASH, [], self.text_column).names
+        for field in ("id_column", "image_uri_column"):
+            name = getattr(self.input, field)
+            if name in outputs:
+                raise ValueError(
+                    f"input.{field} {name!r} is passed through to the output, which has its own {name!r} column; "
+                    f"use another column (output columns: {', '.join(outputs)})"
+                )
         return self
 
     @property
