@@ -88,6 +88,23 @@ def committed_rows(spec: JobSpec) -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
 
 
+def cpu_shortfall(spec: JobSpec, cluster_cpus: float, resuming: bool) -> str | None:
+    """A warning when the job cannot start on the cluster as it is now: Ray would wait for CPUs that a fixed-size
+    cluster never gets. Beside the model actors, Ray Data holds 1 CPU for listing the input files and, on a
+    resumed run, 1 CPU for its checkpoint filter actor (neither is configurable)."""
+    res = spec.resources
+    low, _ = res.pool_size()
+    need = low * res.cpus_per_actor + 1 + (1 if resuming else 0)
+    if need <= cluster_cpus:
+        return None
+    ray_data = "1 for Ray Data's file listing" + (", 1 for its checkpoint filter" if resuming else "")
+    return (
+        f"this {'resumed ' if resuming else ''}run needs {need:g} CPUs to start ({low} model actors x "
+        f"{res.cpus_per_actor:g} CPU, {ray_data}) and the cluster has {cluster_cpus:g}: unless an autoscaler adds "
+        "nodes it will wait forever. Lower --cpus-per-actor (0 is fine for GPU actors) or --actors."
+    )
+
+
 class Prepared:
     """What the driver learned about a job before running it."""
 
@@ -339,19 +356,11 @@ def report_progress(counter, total: int, before: int, start: float, stop: thread
         print(f"[janus-batch] {before + rows}/{total} rows ({errors} errors), {rate:.2f} rows/s, ETA {eta}", flush=True)
 
 
-def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
-    """Run a job to completion (or resume it: same run id) and return its summary (also summary.json)."""
-    if not ray.is_initialized():
-        ray.init()
-    started_at = datetime.now(timezone.utc)
-    start = time.perf_counter()
-    prepared = prepare(spec)
+def write_outputs(
+    prepared: Prepared, total: int, before: int, start: float, progress_every_s: float
+) -> tuple[int, int]:
+    """Run the pipeline into the job's writer, reporting progress; returns the rows written and errors among them."""
     spec = prepared.spec
-    inputs = count_input_rows(prepared)
-    total = expected_rows(spec, inputs)
-    before = committed_rows(spec)
-    print(f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {before} rows already committed")
-
     counter = ProgressCounter.remote()
     ds = build_pipeline(spec, prepared, progress=counter)
     stop = threading.Event()
@@ -368,6 +377,27 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         thread.join()
     rows, errors = ray.get(counter.get.remote())
     ray.kill(counter)
+    return rows, errors
+
+
+def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
+    """Run a job to completion (or resume it: same run id) and return its summary (also summary.json)."""
+    if not ray.is_initialized():
+        ray.init()
+    started_at = datetime.now(timezone.utc)
+    start = time.perf_counter()
+    prepared = prepare(spec)
+    spec = prepared.spec
+    inputs = count_input_rows(prepared)
+    total = expected_rows(spec, inputs)
+    before = committed_rows(spec)
+    print(f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {before} rows already committed")
+    if before >= total:  # a finished run: no model to load, nothing to write
+        rows, errors = 0, 0
+    else:
+        if warning := cpu_shortfall(spec, ray.cluster_resources().get("CPU", 0), resuming=before > 0):
+            print(f"[janus-batch] warning: {warning}", flush=True)
+        rows, errors = write_outputs(prepared, total, before, start, progress_every_s)
     wall = time.perf_counter() - start
     summary = dict(
         run_id=spec.run_id,
