@@ -8,7 +8,8 @@ Random weights at the real Janus-Pro dims, built on the device (no downloads), o
 
 Prints images/s (384x384, 576 tokens, CFG 5, temperature 1, 16 images per prompt), captions/s (576 image tokens
 + ~30 prompt tokens, 64 new tokens, greedy), ms per decode step, peak memory, the ratio of each to the reference
-and to a memory-bandwidth roofline computed from the bandwidth measured on this device.
+and to a memory-bandwidth roofline computed from the bandwidth measured on this device; and the share of greedy
+image tokens the engine makes as the reference loop does (eager, and with CUDA graphs on a GPU).
 """
 
 from __future__ import annotations
@@ -185,17 +186,39 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
     except Exception as e:  # transformers 5.17's image generate is broken (_prepare_static_cache TypeError)
         print(f"transformers generate failed: {type(e).__name__}: {e}")
     batch = [PROMPT + f" #{i}" for i in range(prompts)]
-    rows.append(
-        timed(
-            "generate",
-            f"janus-batch engine, {engine.max_batch_rows}/batch",
-            prompts * images_per_prompt,
-            n,
-            device,
-            lambda: engine.generate_images(batch, images_per_prompt=images_per_prompt),
+    for mode, run in engine_modes(engine):
+        rows.append(
+            timed(
+                "generate",
+                f"janus-batch engine, {mode}, {engine.max_batch_rows}/batch",
+                prompts * images_per_prompt,
+                n,
+                device,
+                lambda run=run: run.generate_images(batch, images_per_prompt=images_per_prompt),
+            )
         )
-    )
     return rows
+
+
+def engine_modes(engine: JanusEngine) -> list[tuple[str, JanusEngine]]:
+    """The engine as configured, and on a GPU also without CUDA graphs (what the graphs bring)."""
+    if not engine.cuda_graphs:
+        return [("eager", engine)]
+    eager = JanusEngine(engine.model, engine.processor, max_batch_rows=engine.max_batch_rows, cuda_graphs=False)
+    return [("eager", eager), ("CUDA graphs", engine)]
+
+
+def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, float]:
+    """Share of greedy image tokens equal to DeepSeek's reference loop on the same model, per engine mode
+    (one image per prompt; prompts of different lengths share the engine's batch)."""
+    ids = [engine.encode(generation_prompt(p)) for p in prompts]
+    want = torch.cat([reference_generate(engine.model, i, engine.pad_id, 1, 5.0, greedy=True)[0] for i in ids])
+    agreement = {}
+    for mode, run in engine_modes(engine):
+        with torch.inference_mode():
+            got = run.generate_image_tokens(ids, [0] * len(ids), 5.0, 0.0).cpu()
+        agreement[mode] = (got == want).float().mean().item()
+    return agreement
 
 
 def bench_caption(engine: JanusEngine, images: int, new_tokens: int, device) -> list[Row]:
@@ -232,7 +255,7 @@ def bench_caption(engine: JanusEngine, images: int, new_tokens: int, device) -> 
     rows.append(
         timed(
             "caption",
-            f"janus-batch engine, {engine.max_batch_rows}/batch",
+            f"janus-batch engine, eager, {engine.max_batch_rows}/batch",
             images,
             new_tokens,
             device,
@@ -272,8 +295,14 @@ def main(argv: list[str] | None = None) -> None:
     )
 
     results: list[tuple[Row, float]] = []
+    agreement = {}
     prompt_len = len(engine.encode(generation_prompt(PROMPT)))
     if args.task in ("generate", "all"):
+        agreement = greedy_agreement(engine, [PROMPT, "a red fox"])
+        print(
+            "greedy image tokens equal to the reference loop's: "
+            + ", ".join(f"{m} {100 * a:.2f}%" for m, a in agreement.items())
+        )
         roof = generation_roofline(engine, rows_per_batch, prompt_len, bandwidth)
         results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, rows_per_batch, device)]
     if args.task in ("caption", "all"):
@@ -291,8 +320,9 @@ def main(argv: list[str] | None = None) -> None:
         )
     print("rooflines (items/s): " + ", ".join(sorted({f"{r.task} {roof:.1f}" for r, roof in results})))
     if args.json:
+        rows = [asdict(r) | {"per_second": r.per_second, "roofline": roof} for r, roof in results]
         with open(args.json, "w") as f:
-            json.dump([asdict(r) | {"per_second": r.per_second, "roofline": roof} for r, roof in results], f, indent=1)
+            json.dump({"rows": rows, "greedy_token_agreement": agreement}, f, indent=1)
 
 
 if __name__ == "__main__":

@@ -2,8 +2,9 @@
 
 We use transformers' modules and weights (norms, projections, MLP, rotary tables) but drive them ourselves:
 one `forward` serves prefill and decode, writes keys/values into a cache allocated once per batch,
-and attends over a fixed number of cache slots. Every row of a batch shares the same cache slot per step;
-rows are left-padded, so a row's position id is its slot minus its padding.
+and attends over a fixed number of cache slots (on a GPU the decode step can be replayed as CUDA graphs).
+Every row of a batch shares the same cache slot per step; rows are left-padded, so a row's position id is
+its slot minus its padding.
 """
 
 from __future__ import annotations
@@ -44,6 +45,37 @@ class KVCache:
 def kv_read_len(last_slot: int, max_len: int) -> int:
     """Cache slots a step at `last_slot` must read, rounded up to KV_BUCKET."""
     return min(max_len, (last_slot // KV_BUCKET + 1) * KV_BUCKET)
+
+
+class CudaGraphs:
+    """Runs `step(kv_len)` as CUDA graphs: one per KV bucket, captured the first time that bucket is met and
+    replayed after. That first call runs eagerly (it is the warm-up, on a side stream) and does the real work;
+    the capture only records. The graphs share one memory pool: they never run at the same time.
+
+    `step` must read and write only tensors that outlive the graphs (inputs, outputs, the KV cache) and must not
+    synchronise with the host; its shapes may depend on kv_len alone."""
+
+    def __init__(self, step):
+        self.step = step
+        self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.pool = None
+
+    def __call__(self, kv_len: int) -> None:
+        graph = self.graphs.get(kv_len)
+        if graph is not None:
+            graph.replay()
+            return
+        stream = torch.cuda.Stream()
+        stream.wait_stream(torch.cuda.current_stream())
+        with torch.cuda.stream(stream):
+            self.step(kv_len)
+        torch.cuda.current_stream().wait_stream(stream)
+        graph = torch.cuda.CUDAGraph()
+        # thread_local: other threads of the process (a Serve health check, say) may use CUDA meanwhile.
+        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+            self.step(kv_len)
+        self.pool = graph.pool()
+        self.graphs[kv_len] = graph
 
 
 def _rotate_half(x: torch.Tensor) -> torch.Tensor:

@@ -77,9 +77,11 @@ class JanusEngine:
         max_batch_rows: int = 64,
         vq_batch: int = 16,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        cuda_graphs: bool = True,
     ):
         """`max_batch_rows`: images (or understanding rows) per forward batch.
-        `vq_batch`: images per VQ decode call."""
+        `vq_batch`: images per VQ decode call.
+        `cuda_graphs`: on a GPU, replay the image decode step as CUDA graphs (one per KV bucket)."""
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
@@ -90,6 +92,7 @@ class JanusEngine:
         self.system_prompt = system_prompt
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
+        self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
 
         config = model.config
         self.lm = model.model.language_model
@@ -209,26 +212,32 @@ class JanusEngine:
         cache = decoder.KVCache.allocate(lm, 2 * n, prompt_len + self.num_gen_tokens, device, self.dtype)
         row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
         codes = sampling.vocab_codes(model.config.vq_config.num_embeddings, device)
-        # Step numbers and cache slots live on the device, read by index: no host-to-device copy per step.
-        step_ids = torch.arange(self.num_gen_tokens, device=device)
-        slot_ids = torch.arange(cache.max_len, device=device)
 
-        def next_token(hidden: torch.Tensor, step: int) -> torch.Tensor:
+        def next_token(hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
             logits = model.model.generation_head(hidden).float()
             cond, uncond_logits = logits[:n], logits[n:]
             mixed = uncond_logits + cfg_weight * (cond - uncond_logits)
-            return sampling.sample(mixed, row_keys, step_ids[step], codes, temperature, top_k, top_p)
+            return sampling.sample(mixed, row_keys, step, codes, temperature, top_k, top_p)
 
-        hidden = decoder.forward(lm, lm.embed_tokens(ids), slot_ids[:prompt_len], pad_lens, cache, prompt_len)
+        slots = torch.arange(prompt_len, device=device)
+        hidden = decoder.forward(lm, lm.embed_tokens(ids), slots, pad_lens, cache, prompt_len)
         out = torch.empty((n, self.num_gen_tokens), dtype=torch.long, device=device)
-        out[:, 0] = next_token(hidden[:, -1], 0)
-        for step in range(1, self.num_gen_tokens):
-            slot = prompt_len + step - 1
-            embeds = model.prepare_embeddings_for_image_generation(out[:, step - 1].repeat(2))[:, None]
-            slots = slot_ids[slot : slot + 1]
-            kv_len = decoder.kv_read_len(slot, cache.max_len)
-            hidden = decoder.forward(lm, embeds, slots, pad_lens, cache, kv_len)
-            out[:, step] = next_token(hidden[:, -1], step)
+        step = torch.zeros((), dtype=torch.long, device=device)  # the token being made, on the device
+        out[:, 0] = next_token(hidden[:, -1], step)
+        step += 1
+
+        def decode_step(kv_len: int) -> None:
+            """Token `step` of every row, then step + 1. It reads and writes only tensors made above (and the
+            cache), with no host round trip: the same work can be captured once as a CUDA graph and replayed."""
+            previous = out.index_select(1, step.view(1) - 1).view(n)
+            embeds = model.prepare_embeddings_for_image_generation(previous.repeat(2))[:, None]
+            hidden = decoder.forward(lm, embeds, (step + prompt_len - 1).view(1), pad_lens, cache, kv_len)
+            out.index_copy_(1, step.view(1), next_token(hidden[:, -1], step)[:, None])
+            step.add_(1)
+
+        run_step = decoder.CudaGraphs(decode_step) if self.cuda_graphs else decode_step
+        for i in range(1, self.num_gen_tokens):
+            run_step(decoder.kv_read_len(prompt_len + i - 1, cache.max_len))
         return out
 
     def decode_image_tokens(self, image_tokens: torch.Tensor) -> np.ndarray:
@@ -322,22 +331,21 @@ class JanusEngine:
         codes = sampling.vocab_codes(model.config.text_config.vocab_size, device)
         out = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
         done = torch.zeros(n, dtype=torch.bool, device=device)
-        step_ids = torch.arange(max_new_tokens, device=device)
-        slot_ids = torch.arange(cache.max_len, device=device)
+        step = torch.zeros((), dtype=torch.long, device=device)  # the token being made, on the device
 
-        hidden = decoder.forward(lm, embeds, slot_ids[:prompt_len], pad_lens, cache, prompt_len)
-        for step in range(max_new_tokens):
+        hidden = decoder.forward(lm, embeds, torch.arange(prompt_len, device=device), pad_lens, cache, prompt_len)
+        for i in range(max_new_tokens):
             logits = model.lm_head(hidden[:, -1])
-            token = sampling.sample(logits, row_keys, step_ids[step], codes, temperature)
+            token = sampling.sample(logits, row_keys, step, codes, temperature)
             token = token.masked_fill(done, self.pad_id)
-            out[:, step] = token
+            out[:, i] = token
             done |= token == self.eos_id
-            if step + 1 == max_new_tokens or ((step + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
-                return out[:, : step + 1]
-            slot = prompt_len + step
-            slots = slot_ids[slot : slot + 1]
-            kv_len = decoder.kv_read_len(slot, cache.max_len)
+            if i + 1 == max_new_tokens or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
+                return out[:, : i + 1]
+            kv_len = decoder.kv_read_len(prompt_len + i, cache.max_len)
+            slots = (step + prompt_len).view(1)
             hidden = decoder.forward(lm, lm.embed_tokens(token[:, None]), slots, pad_lens, cache, kv_len)
+            step += 1
         return out
 
     def finish_text(self, row: list[int]) -> TextResult:
