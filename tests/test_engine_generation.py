@@ -245,3 +245,73 @@ def test_decode_loops_make_no_host_round_trip_per_step(engine, monkeypatch):
         )
         per_call.append(sum(counts.values()))
     assert per_call[1] - per_call[0] == 32 // STOP_CHECK_EVERY, per_call
+
+
+# ---- batch sizes, the kept KV cache and running out of memory ----------------------------------------
+
+
+def batch_sizes(engine: JanusEngine, monkeypatch) -> list[int]:
+    """Records the images of each forward batch the engine runs."""
+    sizes = []
+    run = engine.generate_image_tokens
+
+    def recording(prompt_tokens, *args):
+        sizes.append(len(prompt_tokens))
+        return run(prompt_tokens, *args)
+
+    monkeypatch.setattr(engine, "generate_image_tokens", recording)
+    return sizes
+
+
+def test_kv_cache_budget_sets_equal_batches_and_is_kept_across_calls(engine, monkeypatch):
+    want = tokens_by_key(engine.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    longest = max(len(prompt_ids(engine, p)) for p in PROMPTS)
+    slots_per_image = 2 * decoder.round_up(longest + engine.num_gen_tokens)  # conditional + unconditional row
+    budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=5 * slots_per_image)
+    sizes = batch_sizes(budgeted, monkeypatch)
+
+    got = budgeted.generate_images(PROMPTS, images_per_prompt=4, seed=5)
+    assert sizes == [4, 4, 4]  # 12 images, 5 fit: three equal batches rather than 5 + 5 + 2
+    got = tokens_by_key(got)
+    assert got.keys() == want.keys()
+    for key, tokens in want.items():
+        np.testing.assert_array_equal(got[key], tokens)
+    store, kept = budgeted.kv, dict(budgeted.static_batches)
+    assert store.capacity == 5 * slots_per_image and len(kept) == 1
+    budgeted.generate_images(list(reversed(PROMPTS)), images_per_prompt=4, seed=6)
+    # Same shape again: the same KV store and kept tensors (on a GPU: the same CUDA graphs, replayed).
+    assert budgeted.kv is store
+    assert budgeted.static_batches.keys() == kept.keys()
+    assert all(budgeted.static_batches[k] is v for k, v in kept.items())
+
+    with pytest.raises(ValueError, match="KV cache slots, the cache holds"):
+        JanusEngine(engine.model, engine.processor, kv_cache_tokens=slots_per_image - 1).generate_images(PROMPTS)
+
+
+def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeypatch):
+    want = tokens_by_key(engine.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    longest = max(len(prompt_ids(engine, p)) for p in PROMPTS)
+    budget = 12 * 2 * decoder.round_up(longest + engine.num_gen_tokens)
+    budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=budget)
+    sizes = batch_sizes(budgeted, monkeypatch)
+    forward, injected = decoder.forward, []
+
+    def out_of_memory_once(*args):
+        if not injected:
+            injected.append(budgeted.kv.capacity)
+            raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
+        return forward(*args)
+
+    monkeypatch.setattr(decoder, "forward", out_of_memory_once)
+    got = tokens_by_key(budgeted.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    assert injected == [budget]
+    assert budgeted.kv.capacity == int(budget * 0.8)
+    assert sizes == [12, 6, 6]  # the failed batch of 12, then 9 fit: two of 6
+    assert got.keys() == want.keys()
+    for key, tokens in want.items():
+        np.testing.assert_array_equal(got[key], tokens)
+
+    # With no budget to cut (CPU, no kv_cache_tokens) the error is the caller's.
+    injected.clear()
+    with pytest.raises(torch.OutOfMemoryError):
+        JanusEngine(engine.model, engine.processor).generate_images(PROMPTS)

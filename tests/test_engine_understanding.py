@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import JanusEngine
-from janus_batch.engine.engine import understanding_prompt
+from janus_batch.engine import JanusEngine, decoder
+from janus_batch.engine import engine as engine_module
+from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, understanding_prompt
 from janus_batch.model.tiny import build_tiny_model
 
 
@@ -108,3 +109,27 @@ def test_rejects_bad_arguments(engine):
         engine.understand([image], max_new_tokens=0)
     with pytest.raises(ValueError, match="question too long"):
         engine.understand([image], ["word " * 3000])
+
+
+def test_prefill_in_chunks_and_small_batches_change_nothing(engine, monkeypatch):
+    images, questions = sample_images() * 2, QUESTIONS * 2
+    want = engine.understand(images, questions, max_new_tokens=10)
+
+    # A KV cache that holds two rows, and one row per prefill forward (the vision tower's too).
+    texts = [q or DEFAULT_CAPTION_INSTRUCTION for q in questions]
+    longest = max(
+        len(engine.encode(understanding_prompt(t, engine.num_image_tokens, engine.system_prompt))) for t in texts
+    )
+    small = JanusEngine(engine.model, engine.processor, kv_cache_tokens=2 * decoder.round_up(longest + 10))
+    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 1)
+    prefill_rows, forward = [], decoder.forward
+
+    def recording(lm, embeds, *args):
+        if embeds.shape[1] > 1:
+            prefill_rows.append(embeds.shape[0])
+        return forward(lm, embeds, *args)
+
+    monkeypatch.setattr(decoder, "forward", recording)
+    assert small.understand(images, questions, max_new_tokens=10) == want
+    assert prefill_rows == [1] * 6
+    assert small.kv.cache(2).max_len >= longest + 10

@@ -1,7 +1,7 @@
 """The Llama decoder of Janus run over a preallocated KV cache (gpt-fast style).
 
 We use transformers' modules and weights (norms, projections, MLP, rotary tables) but drive them ourselves:
-one `forward` serves prefill and decode, writes keys/values into a cache allocated once per batch,
+one `forward` serves prefill and decode, writes keys/values into a cache allocated once per engine,
 and attends over a fixed number of cache slots (on a GPU the decode step can be replayed as CUDA graphs).
 Every row of a batch shares the same cache slot per step; rows are left-padded, so a row's position id is
 its slot minus its padding.
@@ -20,26 +20,56 @@ from torch import nn
 KV_BUCKET = 64
 
 
+def kv_shape(lm: nn.Module) -> tuple[int, int, int]:
+    """(layers, key/value heads, head dim) of the decoder."""
+    cfg = lm.config
+    head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
+    return cfg.num_hidden_layers, cfg.num_key_value_heads, head_dim
+
+
+def bytes_per_slot(lm: nn.Module, dtype: torch.dtype) -> int:
+    """KV cache bytes of one token of one row: keys and values of every layer."""
+    layers, heads, head_dim = kv_shape(lm)
+    return 2 * layers * heads * head_dim * dtype.itemsize
+
+
 @dataclass
 class KVCache:
-    keys: list[torch.Tensor]  # per layer [rows, heads, max_len, head_dim]
-    values: list[torch.Tensor]
+    """A batch's view of the cache: per layer [rows, heads, max_len, head_dim]."""
 
-    @classmethod
-    def allocate(cls, lm: nn.Module, rows: int, max_len: int, device: torch.device, dtype: torch.dtype):
-        cfg = lm.config
-        heads = cfg.num_key_value_heads
-        head_dim = getattr(cfg, "head_dim", None) or cfg.hidden_size // cfg.num_attention_heads
-        shape = (rows, heads, max_len, head_dim)
-        n = cfg.num_hidden_layers
-        return cls(
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-            [torch.zeros(shape, device=device, dtype=dtype) for _ in range(n)],
-        )
+    keys: list[torch.Tensor]
+    values: list[torch.Tensor]
 
     @property
     def max_len(self) -> int:
         return self.keys[0].shape[2]
+
+    def rows(self, start: int, end: int) -> KVCache:
+        """Rows [start, end) of this cache (views: writes land in this cache)."""
+        return KVCache([k[start:end] for k in self.keys], [v[start:end] for v in self.values])
+
+
+class KVStore:
+    """The KV cache memory of an engine: one flat buffer per layer for keys and one for values, allocated
+    once, holding `capacity` slots (a slot is one token of one row). Every batch views the front of the buffers
+    as [rows, heads, capacity // rows, head_dim]: a batch of as many rows gets the same addresses, so the CUDA
+    graphs captured for one batch replay for the next."""
+
+    def __init__(self, lm: nn.Module, capacity: int, device: torch.device, dtype: torch.dtype):
+        layers, self.heads, self.head_dim = kv_shape(lm)
+        size = capacity * self.heads * self.head_dim
+        self.capacity = capacity
+        self.keys = [torch.zeros(size, device=device, dtype=dtype) for _ in range(layers)]
+        self.values = [torch.zeros(size, device=device, dtype=dtype) for _ in range(layers)]
+
+    def cache(self, rows: int) -> KVCache:
+        shape = (rows, self.heads, self.capacity // rows, self.head_dim)
+        size = shape[0] * shape[1] * shape[2] * shape[3]
+        return KVCache([k[:size].view(shape) for k in self.keys], [v[:size].view(shape) for v in self.values])
+
+
+def round_up(length: int) -> int:
+    return -(-length // KV_BUCKET) * KV_BUCKET
 
 
 def kv_read_len(last_slot: int, max_len: int) -> int:
@@ -50,15 +80,17 @@ def kv_read_len(last_slot: int, max_len: int) -> int:
 class CudaGraphs:
     """Runs `step(kv_len)` as CUDA graphs: one per KV bucket, captured the first time that bucket is met and
     replayed after. That first call runs eagerly (it is the warm-up, on a side stream) and does the real work;
-    the capture only records. The graphs share one memory pool: they never run at the same time.
+    the capture only records.
 
     `step` must read and write only tensors that outlive the graphs (inputs, outputs, the KV cache) and must not
-    synchronise with the host; its shapes may depend on kv_len alone."""
+    synchronise with the host; its shapes may depend on kv_len alone. So every tensor it makes in the graph
+    pool is a temporary, dead when the step ends: graphs can share one `pool` (from
+    `torch.cuda.graph_pool_handle()`) and replay in any order, as long as never two at the same time."""
 
-    def __init__(self, step):
+    def __init__(self, step, pool):
         self.step = step
+        self.pool = pool
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.pool = None
 
     def __call__(self, kv_len: int) -> None:
         graph = self.graphs.get(kv_len)
@@ -74,7 +106,6 @@ class CudaGraphs:
         # thread_local: other threads of the process (a Serve health check, say) may use CUDA meanwhile.
         with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
             self.step(kv_len)
-        self.pool = graph.pool()
         self.graphs[kv_len] = graph
 
 

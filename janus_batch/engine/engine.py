@@ -8,7 +8,8 @@ from counter-based noise keyed on (seed, prompt id, image index, step), so resul
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+import logging
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from typing import Literal
 
@@ -20,6 +21,8 @@ from janus_batch.engine import decoder, sampling
 from janus_batch.engine.images import decode_image, pixels_to_uint8, preprocess_image, to_rgb
 from janus_batch.model.loading import load_janus
 
+log = logging.getLogger(__name__)
+
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image in detail."
 # DeepSeek's VLChatProcessor system prompt, used for understanding (not for image generation).
 DEFAULT_SYSTEM_PROMPT = (
@@ -28,6 +31,14 @@ DEFAULT_SYSTEM_PROMPT = (
 )
 # Checked every this many decode steps whether all rows have stopped (the only host sync in the loop).
 STOP_CHECK_EVERY = 8
+# Prompt tokens per prefill forward: bounds prefill activation memory whatever the batch size.
+PREFILL_TOKENS = 16384
+# Rows per forward batch on CPU, where no memory budget sizes batches.
+CPU_BATCH_ROWS = 64
+# GPU memory kept free beside the estimated workspace: cuBLAS workspaces, CUDA graphs, allocator fragmentation.
+GPU_MEMORY_MARGIN = 1 << 30
+# Share of the KV cache given back after running out of GPU memory, before the batch is retried.
+OOM_SHRINK = 0.2
 
 
 @dataclass
@@ -45,6 +56,28 @@ class TextResult:
     text: str
     num_tokens: int  # generated tokens, EOS included
     finish_reason: Literal["eos", "length"]
+
+
+@dataclass
+class StaticBatch:
+    """The tensors a decode loop reads and writes, kept across batches of one shape: each batch copies its own
+    inputs in, so the CUDA graphs captured for the first batch replay for every later one."""
+
+    cache: decoder.KVCache
+    pad_lens: torch.Tensor  # [cache rows] left padding of each row
+    keys: torch.Tensor  # [rows] sampling keys
+    out: torch.Tensor  # [rows, tokens] the tokens made
+    done: torch.Tensor  # [rows] rows that made EOS (understanding)
+    step: torch.Tensor  # () the token being made
+    prompt_len: torch.Tensor  # () the padded prompt length of the batch
+    run_step: Callable[[int], None] | None = None  # decode step (kv_len), eager or CUDA graphs
+
+    def load(self, pad_lens: torch.Tensor, keys: list[int], prompt_len: int) -> None:
+        self.pad_lens.copy_(pad_lens)
+        self.keys.copy_(torch.tensor(keys, dtype=torch.int64))
+        self.prompt_len.fill_(prompt_len)
+        self.step.zero_()
+        self.done.zero_()
 
 
 def generation_prompt(prompt: str) -> str:
@@ -74,20 +107,31 @@ class JanusEngine:
         *,
         model_id: str = "",
         weights_hash: str = "",
-        max_batch_rows: int = 64,
+        max_batch_rows: int | None = None,
+        kv_cache_tokens: int | None = None,
+        gpu_memory_utilization: float = 0.9,
         vq_batch: int = 16,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
         cuda_graphs: bool = True,
     ):
-        """`max_batch_rows`: images (or understanding rows) per forward batch.
+        """`max_batch_rows`: at most this many images (or understanding rows) per forward batch; None: as many
+        as the KV cache holds on a GPU, CPU_BATCH_ROWS on CPU.
+        `kv_cache_tokens`: KV cache size in slots (one token of one row); None: sized from free memory on a
+        GPU (allocated at the first batch, then kept), as each batch needs on CPU.
+        `gpu_memory_utilization`: share of the GPU's memory this engine may use, weights included; lower it
+        when actors share a GPU.
         `vq_batch`: images per VQ decode call.
-        `cuda_graphs`: on a GPU, replay the image decode step as CUDA graphs (one per KV bucket)."""
+        `cuda_graphs`: on a GPU, replay the decode steps as CUDA graphs (one per batch shape and KV bucket)."""
+        if not 0 < gpu_memory_utilization <= 1:
+            raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
         self.model = model.eval()
         self.processor = processor
         self.tokenizer = processor.tokenizer
         self.model_id = model_id
         self.weights_hash = weights_hash
         self.max_batch_rows = max_batch_rows
+        self.kv_cache_tokens = kv_cache_tokens
+        self.gpu_memory_utilization = gpu_memory_utilization
         self.vq_batch = vq_batch
         self.system_prompt = system_prompt
         param = next(model.parameters())
@@ -107,6 +151,15 @@ class JanusEngine:
         self.eos_id = tok.convert_tokens_to_ids(tok.eos_token)
         self.pad_id = tok.convert_tokens_to_ids(tok.pad_token)
         self.image_token_id = config.image_token_id
+
+        # Kept across batches (see StaticBatch); all dropped together when the KV store is reallocated.
+        self.kv: decoder.KVStore | None = None
+        self.static_batches: dict[tuple, StaticBatch] = {}
+        self.graph_pool = None  # one memory pool for all CUDA graphs of this engine
+        self.codes = {
+            vocab: sampling.vocab_codes(vocab, self.device)
+            for vocab in (config.vq_config.num_embeddings, config.text_config.vocab_size)
+        }
 
     @classmethod
     def from_pretrained(cls, source: str, *, dtype=None, device=None, storage_options=None, **engine_kwargs):
@@ -149,6 +202,150 @@ class JanusEngine:
             )
         return None
 
+    # ---- batches, KV cache and GPU memory ---------------------------------------------------------------
+
+    def in_batches(self, count: int, cache_rows: int, length: int, run: Callable[[int, int], list]) -> list:
+        """`run(start, end)` over items [0, count) in equal batches as large as max_batch_rows and the KV cache
+        allow, each item taking `cache_rows` rows of `length` slots. When the GPU runs out of memory, give back
+        part of the KV cache and retry the batch: results never depend on batching."""
+        results: list = []
+        start = 0
+        while start < count:
+            size = self.batch_size(count - start, cache_rows, length)
+            try:
+                results.extend(run(start, start + size))
+            except torch.OutOfMemoryError:
+                if not self.shrink_kv():
+                    raise
+                continue
+            start += size
+        return results
+
+    def batch_size(self, count: int, cache_rows: int, length: int) -> int:
+        """Items per batch to run `count` items in as few equal batches as batch_limit allows."""
+        batches = -(-count // self.batch_limit(cache_rows, length))
+        return -(-count // batches)
+
+    def batch_limit(self, cache_rows: int, length: int) -> int:
+        """The most items per forward batch, each taking `cache_rows` rows of `length` slots: max_batch_rows,
+        or as many as the KV cache holds (CPU_BATCH_ROWS on CPU without a kv_cache_tokens budget)."""
+        capacity = self.kv_capacity()
+        if capacity is None:
+            return self.max_batch_rows or CPU_BATCH_ROWS
+        # Lengths rounded up to a KV bucket: batches of similar prompts share a shape (and CUDA graphs).
+        fit = capacity // (cache_rows * decoder.round_up(length))
+        if fit < 1:
+            raise ValueError(
+                f"one item needs {cache_rows} x {length} KV cache slots, the cache holds {capacity} "
+                "(raise kv_cache_tokens or gpu_memory_utilization, or shorten the prompt)"
+            )
+        return min(self.max_batch_rows or fit, fit)
+
+    def kv_capacity(self) -> int | None:
+        """KV cache slots this engine may hold: kv_cache_tokens, or on a GPU what memory allows (planned once),
+        or None on CPU: no limit."""
+        if self.kv_cache_tokens is None and self.device.type == "cuda":
+            self.kv_cache_tokens = self.plan_kv_cache()
+        return self.kv_cache_tokens
+
+    def plan_kv_cache(self) -> int:
+        """KV cache slots that fit in this engine's share of GPU memory, beside what it already holds (the
+        weights) and the workspace of its largest phase."""
+        free, total = torch.cuda.mem_get_info(self.device)
+        held = torch.cuda.memory_allocated(self.device)
+        cached = torch.cuda.memory_reserved(self.device) - held  # free inside this process's allocator
+        available = min(free + cached, self.gpu_memory_utilization * total - held)
+        per_slot = decoder.bytes_per_slot(self.lm, self.dtype)
+        slots = int((available - self.workspace_bytes(available // per_slot)) // per_slot)
+        gib = 2**-30
+        log.info(
+            "KV cache: %d slots (%.1f GiB); GPU %.1f GiB, weights %.1f GiB, utilization %.2f",
+            slots,
+            slots * per_slot * gib,
+            total * gib,
+            held * gib,
+            self.gpu_memory_utilization,
+        )
+        if slots < self.num_gen_tokens:
+            raise RuntimeError(
+                f"no room for a KV cache: {available * gib:.1f} GiB of GPU memory left to this engine after "
+                f"{held * gib:.1f} GiB of weights (gpu_memory_utilization {self.gpu_memory_utilization})"
+            )
+        return slots
+
+    def workspace_bytes(self, max_slots: int) -> int:
+        """Estimated GPU memory of the largest phase besides the KV cache (the phases never overlap): a
+        prefill chunk's activations, the decode step's logits and sampling noise, or a VQ decode."""
+        text, vq = self.model.config.text_config, self.model.config.vq_config
+        item = self.dtype.itemsize
+        prefill = PREFILL_TOKENS * (3 * text.intermediate_size + 8 * text.hidden_size) * item
+        max_rows = max_slots // self.num_image_tokens  # every row holds an image's tokens
+        decode = max_rows * text.vocab_size * 32  # float32 logits and noise, int64 hashes
+        vq_decode = self.vq_batch * self.gen_image_size**2 * vq.base_channels * 6 * item
+        return max(prefill, decode, vq_decode) + GPU_MEMORY_MARGIN
+
+    def shrink_kv(self) -> bool:
+        """Out of GPU memory: give back OOM_SHRINK of the KV cache for workspace. False when there is no
+        budget to shrink."""
+        if self.kv is None or self.kv_cache_tokens is None:
+            return False
+        self.kv_cache_tokens = int(self.kv.capacity * (1 - OOM_SHRINK))
+        log.warning("out of GPU memory: KV cache cut to %d slots; retrying the batch", self.kv_cache_tokens)
+        self.release_kv()
+        return True
+
+    def release_kv(self) -> None:
+        """Free the KV store and everything pointing into it (static batches and their CUDA graphs)."""
+        self.kv = None
+        self.static_batches.clear()
+        if self.device.type == "cuda":
+            torch.cuda.empty_cache()
+
+    def static_batch(self, key: tuple, rows: int, cache_rows: int, length: int, tokens: int) -> StaticBatch:
+        """The kept tensors for batches of this shape, with a KV cache of `cache_rows` rows of at least
+        `length` slots; the KV store is (re)allocated when it is too small."""
+        if self.kv is None or self.kv.capacity // cache_rows < length:
+            self.release_kv()
+            capacity = self.kv_capacity() or cache_rows * length
+            if capacity < cache_rows * length:
+                raise ValueError(f"{cache_rows} rows of {length} slots exceed the KV cache of {capacity} slots")
+            self.kv = decoder.KVStore(self.lm, capacity, self.device, self.dtype)
+        batch = self.static_batches.get(key)
+        if batch is None:
+            device, long = self.device, torch.long
+            batch = StaticBatch(
+                cache=self.kv.cache(cache_rows),
+                pad_lens=torch.zeros(cache_rows, dtype=long, device=device),
+                keys=torch.zeros(rows, dtype=torch.int64, device=device),
+                out=torch.full((rows, tokens), self.pad_id, dtype=long, device=device),
+                done=torch.zeros(rows, dtype=torch.bool, device=device),
+                step=torch.zeros((), dtype=long, device=device),
+                prompt_len=torch.zeros((), dtype=long, device=device),
+            )
+            self.static_batches[key] = batch
+        return batch
+
+    def graphed(self, step: Callable[[int], None]) -> Callable[[int], None]:
+        if not self.cuda_graphs:
+            return step
+        if self.graph_pool is None:
+            self.graph_pool = torch.cuda.graph_pool_handle()
+        return decoder.CudaGraphs(step, self.graph_pool)
+
+    def prefill(self, embed: Callable[[int, int], torch.Tensor], batch: StaticBatch, prompt_len: int):
+        """Every row's prompt through the decoder, PREFILL_TOKENS at a time; the last hidden state of each
+        row [rows, hidden]. `embed(start, end)` gives rows [start, end) of the prompt embeddings."""
+        rows = len(batch.pad_lens)
+        chunk = max(1, PREFILL_TOKENS // prompt_len)
+        slots = torch.arange(prompt_len, device=self.device)
+        last = []
+        for start in range(0, rows, chunk):
+            end = min(rows, start + chunk)
+            cache = batch.cache.rows(start, end)
+            hidden = decoder.forward(self.lm, embed(start, end), slots, batch.pad_lens[start:end], cache, prompt_len)
+            last.append(hidden[:, -1])
+        return torch.cat(last)
+
     # ---- image generation ----------------------------------------------------------------------------
 
     @torch.inference_mode()
@@ -181,18 +378,22 @@ class JanusEngine:
         rows = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
         temperature = 0.0 if greedy else temperature
 
-        results = []
-        for start in range(0, len(rows), self.max_batch_rows):
-            chunk = rows[start : start + self.max_batch_rows]
+        def run(start: int, end: int) -> list[GeneratedImage]:
+            chunk = rows[start:end]
             keys = [sampling.row_key(seed, sampling.id32(ids[p]), i) for p, i in chunk]
             image_tokens = self.generate_image_tokens(
                 [tokens[p] for p, _ in chunk], keys, cfg_weight, temperature, top_k, top_p
             )
             pixels = self.decode_image_tokens(image_tokens)
-            for (p, i), toks, pix in zip(chunk, image_tokens.cpu().numpy(), pixels, strict=True):
-                results.append(GeneratedImage(ids[p], prompts[p], i, seed, toks.astype(np.int32), pix))
-        return results
+            return [
+                GeneratedImage(ids[p], prompts[p], i, seed, toks.astype(np.int32), pix)
+                for (p, i), toks, pix in zip(chunk, image_tokens.cpu().numpy(), pixels, strict=True)
+            ]
 
+        longest = max(len(t) for t in tokens)
+        return self.in_batches(len(rows), 2, longest + self.num_gen_tokens, run)
+
+    @torch.inference_mode()
     def generate_image_tokens(
         self,
         prompt_tokens: list[list[int]],
@@ -204,41 +405,39 @@ class JanusEngine:
     ) -> torch.Tensor:
         """One image per row: [rows, num_gen_tokens] VQ token ids. Rows are laid out [cond x R, uncond x R];
         an unconditional row keeps the first token (BOS) and the last (<begin_of_image>), the rest is pad."""
-        model, lm, device = self.model, self.lm, self.device
+        model, lm = self.model, self.lm
         n = len(prompt_tokens)
         uncond = [[t[0]] + [self.pad_id] * (len(t) - 2) + [t[-1]] for t in prompt_tokens]
-        ids, pad_lens = left_pad(prompt_tokens + uncond, self.pad_id, device)
+        ids, pad_lens = left_pad(prompt_tokens + uncond, self.pad_id, self.device)
         prompt_len = ids.shape[1]
-        cache = decoder.KVCache.allocate(lm, 2 * n, prompt_len + self.num_gen_tokens, device, self.dtype)
-        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        codes = sampling.vocab_codes(model.config.vq_config.num_embeddings, device)
+        key = ("image", n, cfg_weight, temperature, top_k, top_p, self.cuda_graphs)
+        batch = self.static_batch(key, n, 2 * n, prompt_len + self.num_gen_tokens, self.num_gen_tokens)
+        batch.load(pad_lens, keys, prompt_len)
+        codes = self.codes[model.config.vq_config.num_embeddings]
 
-        def next_token(hidden: torch.Tensor, step: torch.Tensor) -> torch.Tensor:
+        def take(hidden: torch.Tensor) -> None:
+            """Token `step` of every row from the last hidden states of its two CFG rows, then step + 1."""
             logits = model.model.generation_head(hidden).float()
             cond, uncond_logits = logits[:n], logits[n:]
             mixed = uncond_logits + cfg_weight * (cond - uncond_logits)
-            return sampling.sample(mixed, row_keys, step, codes, temperature, top_k, top_p)
-
-        slots = torch.arange(prompt_len, device=device)
-        hidden = decoder.forward(lm, lm.embed_tokens(ids), slots, pad_lens, cache, prompt_len)
-        out = torch.empty((n, self.num_gen_tokens), dtype=torch.long, device=device)
-        step = torch.zeros((), dtype=torch.long, device=device)  # the token being made, on the device
-        out[:, 0] = next_token(hidden[:, -1], step)
-        step += 1
+            token = sampling.sample(mixed, batch.keys, batch.step, codes, temperature, top_k, top_p)
+            batch.out.index_copy_(1, batch.step.view(1), token[:, None])
+            batch.step.add_(1)
 
         def decode_step(kv_len: int) -> None:
-            """Token `step` of every row, then step + 1. It reads and writes only tensors made above (and the
-            cache), with no host round trip: the same work can be captured once as a CUDA graph and replayed."""
-            previous = out.index_select(1, step.view(1) - 1).view(n)
+            """Feed token `step - 1` of every row, make token `step`. It reads and writes only the batch's kept
+            tensors, with no host round trip: captured once as a CUDA graph, it replays for later batches."""
+            previous = batch.out.index_select(1, batch.step.view(1) - 1).view(n)
             embeds = model.prepare_embeddings_for_image_generation(previous.repeat(2))[:, None]
-            hidden = decoder.forward(lm, embeds, (step + prompt_len - 1).view(1), pad_lens, cache, kv_len)
-            out.index_copy_(1, step.view(1), next_token(hidden[:, -1], step)[:, None])
-            step.add_(1)
+            slot = (batch.step + batch.prompt_len - 1).view(1)
+            take(decoder.forward(lm, embeds, slot, batch.pad_lens, batch.cache, kv_len)[:, -1])
 
-        run_step = decoder.CudaGraphs(decode_step) if self.cuda_graphs else decode_step
+        take(self.prefill(lambda start, end: lm.embed_tokens(ids[start:end]), batch, prompt_len))
+        if batch.run_step is None:
+            batch.run_step = self.graphed(decode_step)
         for i in range(1, self.num_gen_tokens):
-            run_step(decoder.kv_read_len(prompt_len + i - 1, cache.max_len))
-        return out
+            batch.run_step(decoder.kv_read_len(prompt_len + i - 1, batch.cache.max_len))
+        return batch.out.clone()
 
     def decode_image_tokens(self, image_tokens: torch.Tensor) -> np.ndarray:
         """VQ-decode [n, num_gen_tokens] tokens to uint8 images [n, H, W, 3].
@@ -297,16 +496,17 @@ class JanusEngine:
         pixels = [self.prepare_image(image) for image in images]
         temperature = 0.0 if greedy else temperature
 
-        results: list[TextResult] = []
-        for start in range(0, len(images), self.max_batch_rows):
-            end = start + self.max_batch_rows
+        def run(start: int, end: int) -> list[TextResult]:
             keys = [sampling.row_key(seed, sampling.id32(r), 0) for r in row_ids[start:end]]
             tokens = self.generate_text_tokens(
                 prompts[start:end], np.stack(pixels[start:end]), keys, max_new_tokens, temperature
             )
-            results.extend(self.finish_text(row) for row in tokens.tolist())
-        return results
+            return [self.finish_text(row) for row in tokens.tolist()]
 
+        longest = max((len(p) for p in prompts), default=0)
+        return self.in_batches(len(images), 1, longest + max_new_tokens, run)
+
+    @torch.inference_mode()
     def generate_text_tokens(
         self,
         prompt_tokens: list[list[int]],
@@ -320,33 +520,41 @@ class JanusEngine:
         n = len(prompt_tokens)
         ids, pad_lens = left_pad(prompt_tokens, self.pad_id, device)
         prompt_len = ids.shape[1]
-        pixel_values = torch.from_numpy(pixels).to(device, self.dtype)
-        features = model.model.aligner(model.model.vision_model(pixel_values).last_hidden_state)
-        embeds = lm.embed_tokens(ids)
-        image_slots = (ids == self.image_token_id)[..., None]
-        embeds = embeds.masked_scatter(image_slots, features.to(embeds.dtype))
+        key = ("text", n, max_new_tokens, temperature, self.cuda_graphs)
+        batch = self.static_batch(key, n, n, prompt_len + max_new_tokens, max_new_tokens)
+        batch.load(pad_lens, keys, prompt_len)
+        codes = self.codes[model.config.text_config.vocab_size]
 
-        cache = decoder.KVCache.allocate(lm, n, prompt_len + max_new_tokens, device, self.dtype)
-        row_keys = torch.tensor(keys, dtype=torch.int64, device=device)
-        codes = sampling.vocab_codes(model.config.text_config.vocab_size, device)
-        out = torch.full((n, max_new_tokens), self.pad_id, dtype=torch.long, device=device)
-        done = torch.zeros(n, dtype=torch.bool, device=device)
-        step = torch.zeros((), dtype=torch.long, device=device)  # the token being made, on the device
+        def embed(start: int, end: int) -> torch.Tensor:
+            """Prompt embeddings of rows [start, end), the image features in place of the placeholders."""
+            pixel_values = torch.from_numpy(pixels[start:end]).to(device, self.dtype)
+            features = model.model.aligner(model.model.vision_model(pixel_values).last_hidden_state)
+            embeds = lm.embed_tokens(ids[start:end])
+            image_slots = (ids[start:end] == self.image_token_id)[..., None]
+            return embeds.masked_scatter(image_slots, features.to(embeds.dtype))
 
-        hidden = decoder.forward(lm, embeds, torch.arange(prompt_len, device=device), pad_lens, cache, prompt_len)
-        for i in range(max_new_tokens):
-            logits = model.lm_head(hidden[:, -1])
-            token = sampling.sample(logits, row_keys, step, codes, temperature)
-            token = token.masked_fill(done, self.pad_id)
-            out[:, i] = token
-            done |= token == self.eos_id
-            if i + 1 == max_new_tokens or ((i + 1) % STOP_CHECK_EVERY == 0 and bool(done.all())):
-                return out[:, : i + 1]
-            kv_len = decoder.kv_read_len(prompt_len + i, cache.max_len)
-            slots = (step + prompt_len).view(1)
-            hidden = decoder.forward(lm, lm.embed_tokens(token[:, None]), slots, pad_lens, cache, kv_len)
-            step += 1
-        return out
+        def take(hidden: torch.Tensor) -> None:
+            """Token `step` of every row (pad once the row has made EOS), then step + 1."""
+            token = sampling.sample(model.lm_head(hidden), batch.keys, batch.step, codes, temperature)
+            token = token.masked_fill(batch.done, self.pad_id)
+            batch.out.index_copy_(1, batch.step.view(1), token[:, None])
+            batch.done |= token == self.eos_id
+            batch.step.add_(1)
+
+        def decode_step(kv_len: int) -> None:
+            """Feed token `step - 1`, make token `step`: kept tensors only, as in image generation."""
+            previous = batch.out.index_select(1, batch.step.view(1) - 1)
+            slot = (batch.step + batch.prompt_len - 1).view(1)
+            take(decoder.forward(lm, lm.embed_tokens(previous), slot, batch.pad_lens, batch.cache, kv_len)[:, -1])
+
+        take(self.prefill(embed, batch, prompt_len))
+        if batch.run_step is None:
+            batch.run_step = self.graphed(decode_step)
+        for i in range(1, max_new_tokens):
+            if i % STOP_CHECK_EVERY == 0 and bool(batch.done.all()):
+                return batch.out[:, :i].clone()
+            batch.run_step(decoder.kv_read_len(prompt_len + i - 1, batch.cache.max_len))
+        return batch.out.clone()
 
     def finish_text(self, row: list[int]) -> TextResult:
         if self.eos_id in row:

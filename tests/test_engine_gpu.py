@@ -1,0 +1,78 @@
+"""The engine's GPU path: CUDA graphs against eager, graphs kept across batches, the KV cache planned from GPU
+memory. Skipped without a GPU (CI has none); on a GPU machine with torch and transformers only (no Ray, no S3
+server), run it as
+
+    python -m pytest --noconftest tests/test_engine_gpu.py
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from janus_batch.engine import JanusEngine, decoder
+from janus_batch.engine.engine import generation_prompt
+from janus_batch.model.tiny import build_tiny_model
+
+pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+
+PROMPTS = ["a red fox", "A watercolor painting of a lighthouse on a cliff above a stormy sea", "portrait"]
+
+
+@pytest.fixture(scope="module")
+def engine() -> JanusEngine:
+    # fp32 and the real 576-token geometry: ten KV buckets per image, so ten graphs per batch shape.
+    model, processor = build_tiny_model(384)
+    return JanusEngine(model.to("cuda"), processor, kv_cache_tokens=1 << 16)
+
+
+def graph_count(engine: JanusEngine) -> int:
+    return sum(len(b.run_step.graphs) for b in engine.static_batches.values() if b.run_step is not None)
+
+
+def run_images(engine: JanusEngine, graphs: bool, prompts: list[str], **kwargs) -> np.ndarray:
+    engine.cuda_graphs = graphs
+    ids = [engine.encode(generation_prompt(p)) for p in prompts]
+    keys = list(range(len(ids)))
+    return engine.generate_image_tokens(ids, keys, 5.0, **kwargs).cpu().numpy()
+
+
+@pytest.mark.parametrize("temperature", [0.0, 1.0])
+def test_cuda_graphs_make_the_eager_tokens_and_replay_for_later_batches(engine, temperature):
+    eager = run_images(engine, False, PROMPTS, temperature=temperature)
+    graphed = run_images(engine, True, PROMPTS, temperature=temperature)
+    np.testing.assert_array_equal(graphed, eager)
+    captured = graph_count(engine)
+    assert captured >= 9  # one per KV bucket the 575 decode steps pass through
+
+    # Another batch of the same shape (other prompts, another length): the same graphs replay, none is added.
+    others = ["a cat on a sofa", "mountains at dawn, oil on canvas", "x"]
+    graphed = run_images(engine, True, others, temperature=temperature)
+    np.testing.assert_array_equal(graphed, run_images(engine, False, others, temperature=temperature))
+    assert graph_count(engine) == captured
+
+
+def test_understanding_with_cuda_graphs_matches_eager(engine):
+    rng = np.random.default_rng(0)
+    images = [Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(3)]
+    questions = [None, "What is in the middle?", "How many?"]
+    engine.cuda_graphs = False
+    eager = engine.understand(images, questions, max_new_tokens=40)
+    engine.cuda_graphs = True
+    assert engine.understand(images, questions, max_new_tokens=40) == eager
+    assert graph_count(engine) > 0
+
+
+def test_kv_cache_is_planned_from_gpu_memory_and_respected():
+    model, processor = build_tiny_model(384)
+    engine = JanusEngine(model.to("cuda", torch.bfloat16), processor, gpu_memory_utilization=0.5)
+    total = torch.cuda.mem_get_info()[1]
+    slots = engine.kv_capacity()
+    per_slot = decoder.bytes_per_slot(engine.lm, engine.dtype)
+    assert 0.3 * total < slots * per_slot < 0.5 * total  # what is left of half the GPU after a small workspace
+    torch.cuda.reset_peak_memory_stats()
+    engine.generate_images(PROMPTS, images_per_prompt=16)
+    assert engine.kv.capacity == slots
+    assert torch.cuda.max_memory_allocated() <= 0.5 * total
