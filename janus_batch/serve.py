@@ -65,7 +65,13 @@ class ServeArgs(BaseModel):
     # Batching: requests per engine call, and how long the first request waits for company.
     max_batch_size: int = Field(16, ge=1)
     batch_wait_timeout_s: float = Field(0.05, ge=0)
-    max_batch_rows: int = Field(64, ge=1, description="images (or understanding rows) per forward pass")
+    max_batch_rows: int | None = Field(
+        None,
+        ge=1,
+        description="at most this many images (or understanding rows) per forward pass; None: as many "
+        "as GPU memory holds (64 on CPU)",
+    )
+    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU's memory a replica may use")
     # Request limits.
     max_images_per_request: int = Field(16, ge=1)
     max_image_bytes: int = Field(10 * 2**20, ge=1)
@@ -235,6 +241,7 @@ class JanusServer:
             device="cuda" if args.num_gpus > 0 else "cpu",
             storage_options=args.storage_options or None,
             max_batch_rows=args.max_batch_rows,
+            gpu_memory_utilization=args.gpu_memory_utilization,
         )
         # Understanding and generation batches are queued separately but share the model: one engine call at
         # a time, run in a thread so the event loop keeps accepting (and batching) requests meanwhile.

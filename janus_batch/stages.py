@@ -24,7 +24,7 @@ from janus_batch.io.writers import IMAGE_EXTENSIONS
 # ---- shared ----------------------------------------------------------------------------------------------
 
 
-def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageConfig, max_batch_rows: int):
+def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageConfig, batching: dict):
     import torch
 
     from janus_batch.model.tiny import ensure_tiny_model
@@ -36,7 +36,7 @@ def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageCon
         dtype=None if dtype == "auto" else getattr(torch, dtype),
         device="cuda" if gpus > 0 else "cpu",
         storage_options=storage.storage_options(),
-        max_batch_rows=max_batch_rows,
+        **batching,
     )
 
 
@@ -109,8 +109,8 @@ def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | Non
 class Synthesizer:
     """Model stage: (row_hash, prompt_id, prompt, error) -> one row per image, or one error row per prompt."""
 
-    def __init__(self, *, model: dict, gpus: float, storage: StorageConfig, max_batch_rows: int, params: dict):
-        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, max_batch_rows)
+    def __init__(self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, params: dict):
+        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
         self.params = params
 
     def __call__(self, batch: pa.Table) -> pa.Table:
@@ -274,12 +274,12 @@ class Describer:
         model: dict,
         gpus: float,
         storage: StorageConfig,
-        max_batch_rows: int,
+        batching: dict,
         params: dict,
         resume_key: str,
         text_column: str,
     ):
-        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, max_batch_rows)
+        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
         self.params = params
         self.resume_key = resume_key
         self.text_column = text_column

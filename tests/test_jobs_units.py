@@ -18,7 +18,7 @@ from pydantic import ValidationError
 
 from janus_batch import stages
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
-from janus_batch.jobs.pipeline import cpu_shortfall, prepare
+from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, SynthesizeJob, resolve_run_id
 from tests.jobs_data import encoded, sample_images, write_parquet
 
@@ -236,7 +236,7 @@ def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatc
         model={"source": str(tiny_model_dir), "dtype": "auto"},
         gpus=0,
         storage=storage,
-        max_batch_rows=8,
+        batching=dict(max_batch_rows=8),
         params=dict(images_per_prompt=2, cfg_weight=5.0, temperature=1.0, top_k=None, top_p=None, seed=0, greedy=False),
     )
     batch = pa.table(
@@ -285,7 +285,7 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
         model={"source": str(tiny_model_dir), "dtype": "auto"},
         gpus=0,
         storage=storage,
-        max_batch_rows=8,
+        batching=dict(max_batch_rows=8),
         params=dict(
             instruction="Describe this image in detail.", max_new_tokens=5, greedy=True, temperature=1.0, seed=0
         ),
@@ -313,6 +313,18 @@ def test_cpu_shortfall_is_named_before_a_run_would_wait_forever():
     assert cpu_shortfall(small, 2, resuming=True) is None
     pool = SynthesizeJob(resources={"min_actors": 4, "max_actors": 8, "cpus_per_actor": 2})  # the minimum counts
     assert cpu_shortfall(pool, 9, resuming=False) is None and "needs 10 CPUs" in cpu_shortfall(pool, 9, True)
+
+
+def test_actors_sharing_a_gpu_share_its_memory():
+    def batching(**resources) -> dict:
+        return model_stage_args(SynthesizeJob(resources=resources))[1]["batching"]
+
+    assert batching(gpus_per_actor=1) == {"max_batch_rows": None, "gpu_memory_utilization": 0.9}
+    assert batching(gpus_per_actor=0.5, max_batch_rows=32)["gpu_memory_utilization"] == pytest.approx(0.45)
+    assert batching(gpus_per_actor=2, gpu_memory_utilization=0.8)["gpu_memory_utilization"] == pytest.approx(0.8)
+    assert batching(gpus_per_actor=0)["gpu_memory_utilization"] == 1.0  # CPU: no GPU memory to share
+    with pytest.raises(ValidationError, match="gpu_memory_utilization"):
+        SynthesizeJob(resources={"gpu_memory_utilization": 0})
 
 
 def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir):

@@ -32,6 +32,8 @@ COMMON_FLAGS = {
     "cpus_per_actor": "resources.cpus_per_actor",
     "cpus_per_task": "resources.cpus_per_task",
     "batch_size": "resources.batch_size",
+    "max_batch_rows": "resources.max_batch_rows",
+    "gpu_memory_utilization": "resources.gpu_memory_utilization",
     "s3_endpoint": "storage.endpoint_url",
     "s3_region": "storage.region",
     "aws_profile": "storage.profile",
@@ -56,6 +58,8 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--cpus-per-actor", type=float)
     p.add_argument("--cpus-per-task", type=float, help="CPUs per CPU-stage task")
     p.add_argument("--batch-size", type=int, help="input rows per model call")
+    p.add_argument("--max-batch-rows", type=int, help="rows per forward pass (default: as many as GPU memory holds)")
+    p.add_argument("--gpu-memory-utilization", type=float, help="share of a GPU's memory a model actor may use")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph, ...)")
     p.add_argument("--s3-region")
     p.add_argument("--aws-profile", help="named AWS profile (default: the AWS credential chain)")

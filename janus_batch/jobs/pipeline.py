@@ -177,7 +177,16 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
         num_cpus=res.cpus_per_actor,
         batch_size=res.batch_size,
         batch_format="pyarrow",
-    ), dict(model=spec.model.model_dump(), gpus=gpus, storage=spec.storage, max_batch_rows=res.max_batch_rows)
+    ), dict(
+        model=spec.model.model_dump(),
+        gpus=gpus,
+        storage=spec.storage,
+        batching=dict(
+            max_batch_rows=res.max_batch_rows,
+            # Actors sharing a GPU share its memory too.
+            gpu_memory_utilization=res.gpu_memory_utilization * min(gpus, 1) if gpus else 1.0,
+        ),
+    )
 
 
 def build_pipeline(spec: JobSpec, prepared: Prepared | None = None, progress=None) -> ray.data.Dataset:

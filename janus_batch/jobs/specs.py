@@ -51,7 +51,12 @@ class ResourceSpec(Spec):
     cpus_per_actor: float = Field(1, ge=0)
     cpus_per_task: float = Field(1, gt=0, description="CPUs per CPU-stage task (decode, encode)")
     batch_size: int = Field(8, ge=1, description="input rows per model call: prompts, or images")
-    max_batch_rows: int = Field(64, ge=1, description="rows per forward pass inside the engine")
+    max_batch_rows: int | None = Field(
+        None, ge=1, description="at most this many rows per forward pass; None: as many as GPU memory holds (64 on CPU)"
+    )
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of a GPU's memory a model actor may use, times gpus_per_actor if < 1"
+    )
 
     @model_validator(mode="after")
     def check_pool(self) -> ResourceSpec:
