@@ -25,9 +25,9 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import JanusConfig, JanusForConditionalGeneration
+from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
 
-from janus_batch.engine import JanusEngine
+from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine.engine import generation_prompt, understanding_prompt
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import reference_generate
@@ -65,7 +65,11 @@ def build_model(size: str, device: torch.device, dtype: torch.dtype, quick: bool
     if size == "tiny":
         model, processor = build_tiny_model(64 if quick else 384)
         return model.to(device, dtype).eval(), processor
-    _, processor = build_tiny_model(64)
+    _, tiny = build_tiny_model(64)
+    image_processor = JanusImageProcessorPil(
+        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
+    )
+    processor = JanusProcessor(image_processor=image_processor, tokenizer=tiny.tokenizer, num_image_tokens=576)
     config = janus_pro_config(size)
     config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image_placeholder>")
     torch.manual_seed(0)
@@ -114,8 +118,11 @@ class Row:
         return 1000 * self.seconds / self.steps
 
 
-def timed(task: str, impl: str, items: int, steps: int, device: torch.device, fn: Callable[[], object]) -> Row:
-    fn()  # warm-up: allocator, kernels, lazy initialisation
+def timed(
+    task: str, impl: str, items: int, steps: int, device: torch.device, fn: Callable[[], object], warm_up: bool = True
+) -> Row:
+    if warm_up:
+        fn()  # allocator, kernels, lazy initialisation, CUDA graph capture
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats()
     sync(device)
@@ -156,6 +163,7 @@ def caption_roofline(engine: JanusEngine, rows: int, prompt_len: int, new_tokens
 def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device) -> list[Row]:
     model, n = engine.model, engine.num_gen_tokens
     ids = engine.encode(generation_prompt(PROMPT))
+    engine.release_kv()  # the engine's KV cache takes most of the GPU
     rows = [
         timed(
             "generate",
@@ -164,11 +172,13 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
             n,
             device,
             lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
+            warm_up=False,  # launch-bound for a minute on a GPU: a warm-up would change nothing but the wait
         )
     ]
     input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
 
     def hf_generate():
+        engine.release_kv()  # the engine's KV cache takes most of the GPU
         model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -186,52 +196,54 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
     except Exception as e:  # transformers 5.17's image generate is broken (_prepare_static_cache TypeError)
         print(f"transformers generate failed: {type(e).__name__}: {e}")
     batch = [PROMPT + f" #{i}" for i in range(prompts)]
-    for mode, run in engine_modes(engine):
+    per_batch = engine.batch_size(prompts * images_per_prompt, 2, len(ids) + n)
+    for mode, graphs in engine_modes(engine):
+        engine.cuda_graphs = graphs
         rows.append(
             timed(
                 "generate",
-                f"janus-batch engine, {mode}, {engine.max_batch_rows}/batch",
+                f"janus-batch engine, {mode}, {per_batch}/batch",
                 prompts * images_per_prompt,
                 n,
                 device,
-                lambda run=run: run.generate_images(batch, images_per_prompt=images_per_prompt),
+                lambda: engine.generate_images(batch, images_per_prompt=images_per_prompt),
             )
         )
     return rows
 
 
-def engine_modes(engine: JanusEngine) -> list[tuple[str, JanusEngine]]:
-    """The engine as configured, and on a GPU also without CUDA graphs (what the graphs bring)."""
-    if not engine.cuda_graphs:
-        return [("eager", engine)]
-    eager = JanusEngine(engine.model, engine.processor, max_batch_rows=engine.max_batch_rows, cuda_graphs=False)
-    return [("eager", eager), ("CUDA graphs", engine)]
+def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
+    """(name, cuda_graphs) of the engine's modes: eager, and on a GPU also with CUDA graphs. One engine, one
+    KV cache: a second engine would plan its cache in what the first one left."""
+    return [("eager", False), ("CUDA graphs", True)] if engine.device.type == "cuda" else [("eager", False)]
 
 
 def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, float]:
     """Share of greedy image tokens equal to DeepSeek's reference loop on the same model, per engine mode
     (one image per prompt; prompts of different lengths share the engine's batch)."""
     ids = [engine.encode(generation_prompt(p)) for p in prompts]
+    engine.release_kv()  # the engine's KV cache takes most of the GPU
     want = torch.cat([reference_generate(engine.model, i, engine.pad_id, 1, 5.0, greedy=True)[0] for i in ids])
     agreement = {}
-    for mode, run in engine_modes(engine):
-        with torch.inference_mode():
-            got = run.generate_image_tokens(ids, [0] * len(ids), 5.0, 0.0).cpu()
+    for mode, graphs in engine_modes(engine):
+        engine.cuda_graphs = graphs
+        got = engine.generate_image_tokens(ids, [0] * len(ids), 5.0, 0.0).cpu()
         agreement[mode] = (got == want).float().mean().item()
     return agreement
 
 
-def bench_caption(engine: JanusEngine, images: int, new_tokens: int, device) -> list[Row]:
+def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int, device) -> list[Row]:
     model = engine.model
     rng = np.random.default_rng(0)
     pil = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(images)]
     pixels = np.stack([engine.prepare_image(im) for im in pil])
     prompt = engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt))
 
-    def hf_caption(batch: int):
+    def hf_caption(batch: int, count: int):
         def run():
-            for start in range(0, images, batch):
-                n = min(batch, images - start)
+            engine.release_kv()  # the engine's KV cache takes most of the GPU
+            for start in range(0, count, batch):
+                n = min(batch, count - start)
                 ids = torch.tensor([prompt] * n, device=device)
                 model.generate(
                     input_ids=ids,
@@ -246,22 +258,32 @@ def bench_caption(engine: JanusEngine, images: int, new_tokens: int, device) -> 
         return run
 
     one = min(images, 4)
-    rows = [timed("caption", "transformers generate, 1/call", one, new_tokens * one, device, hf_caption(1))]
-    rows.append(
-        timed("caption", f"transformers generate, {images}/call", images, new_tokens, device, hf_caption(images))
-    )
-    eos = engine.eos_id
-    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
+    rows = [timed("caption", "transformers generate, 1/call", one, new_tokens * one, device, hf_caption(1, one))]
     rows.append(
         timed(
             "caption",
-            f"janus-batch engine, eager, {engine.max_batch_rows}/batch",
+            f"transformers generate, {hf_rows}/call",
             images,
-            new_tokens,
+            new_tokens * -(-images // hf_rows),
             device,
-            lambda: engine.understand(list(pixels), [QUESTION] * images, max_new_tokens=new_tokens),
+            hf_caption(hf_rows, images),
         )
     )
+    eos = engine.eos_id
+    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
+    per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
+    for mode, graphs in engine_modes(engine):
+        engine.cuda_graphs = graphs
+        rows.append(
+            timed(
+                "caption",
+                f"janus-batch engine, {mode}, {per_batch}/batch",
+                images,
+                new_tokens,
+                device,
+                lambda: engine.understand(list(pixels), [QUESTION] * images, max_new_tokens=new_tokens),
+            )
+        )
     engine.eos_id = eos
     return rows
 
@@ -270,8 +292,10 @@ def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
     parser.add_argument("--task", choices=["generate", "caption", "all"], default="all")
-    parser.add_argument("--rows", type=int, default=None, help="engine rows per batch (default: 128 GPU, 16 CPU)")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (16 images each)")
+    parser.add_argument("--rows", type=int, default=None, help="engine max_batch_rows (default: GPU memory; 16 CPU)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (default: 2 batches)")
+    parser.add_argument("--captions", type=int, default=None, help="images captioned (default: 2 engine batches)")
+    parser.add_argument("--hf-rows", type=int, default=None, help="images per transformers call (default: its best)")
     parser.add_argument("--quick", action="store_true", help="small runs (and the 64 px tiny model) for a smoke test")
     parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
     args = parser.parse_args(argv)
@@ -279,20 +303,29 @@ def main(argv: list[str] | None = None) -> None:
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     images_per_prompt = 4 if args.quick else 16
-    rows_per_batch = args.rows or (128 if device.type == "cuda" else 16)
-    prompts = args.prompts or (2 if args.quick else max(1, 2 * rows_per_batch // images_per_prompt))
     new_tokens = 8 if args.quick else 64
-    captions = 4 if args.quick else rows_per_batch
 
     transformers.logging.set_verbosity_error()
     model, processor = build_model(args.model, device, dtype, args.quick)
-    engine = JanusEngine(model, processor, max_batch_rows=rows_per_batch)
+    engine = JanusEngine(model, processor, max_batch_rows=args.rows or (None if device.type == "cuda" else 16))
     bandwidth = measure_bandwidth(device)
+    prompt_len = len(engine.encode(generation_prompt(PROMPT)))
+    caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
+    image_batch = engine.batch_limit(2, prompt_len + engine.num_gen_tokens)
+    caption_batch = engine.batch_limit(1, caption_len + new_tokens)
+    prompts = args.prompts or (2 if args.quick else -(-2 * image_batch // images_per_prompt))
+    captions = args.captions or (4 if args.quick else 2 * caption_batch)
+    # transformers' best batches on an H100 (../shared/DESIGN.md section 3): 64 images/call for 7B, 128 for 1B.
+    hf_rows = args.hf_rows or {"7b": 64, "1b": 128}.get(args.model, images_per_prompt)
+    kv = engine.kv_capacity()
     print(
         f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
         f"torch {torch.__version__}, transformers {transformers.__version__}, model {args.model} ({dtype}), "
         f"measured bandwidth {bandwidth / 1e12:.2f} TB/s"
     )
+    if kv is not None:
+        gib = kv * decoder.bytes_per_slot(engine.lm, dtype) / 2**30
+        print(f"KV cache {kv} slots ({gib:.1f} GiB): up to {image_batch} images or {caption_batch} captions a batch")
 
     results: list[tuple[Row, float]] = []
     agreement = {}
@@ -303,12 +336,11 @@ def main(argv: list[str] | None = None) -> None:
             "greedy image tokens equal to the reference loop's: "
             + ", ".join(f"{m} {100 * a:.2f}%" for m, a in agreement.items())
         )
-        roof = generation_roofline(engine, rows_per_batch, prompt_len, bandwidth)
-        results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, rows_per_batch, device)]
+        roof = generation_roofline(engine, image_batch, prompt_len, bandwidth)
+        results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, hf_rows, device)]
     if args.task in ("caption", "all"):
-        caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
-        roof = caption_roofline(engine, captions, caption_len, new_tokens, bandwidth)
-        results += [(r, roof) for r in bench_caption(engine, captions, new_tokens, device)]
+        roof = caption_roofline(engine, caption_batch, caption_len, new_tokens, bandwidth)
+        results += [(r, roof) for r in bench_caption(engine, captions, min(hf_rows, captions), new_tokens, device)]
 
     print(f"{'task':9} {'implementation':42} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'x ref':>7} {'% roof':>7}")
     reference = {}

@@ -31,3 +31,19 @@ def test_benchmark_smoke_run(tmp_path):
     assert all(r["per_second"] > 0 and r["roofline"] > 0 for r in rows)
     # In float32 on the CPU the engine's greedy tokens are the reference loop's, every one (no CUDA graphs here).
     assert result["greedy_token_agreement"] == {"eager": 1.0}
+
+
+def test_cold_start_smoke_run(tmp_path):
+    out = tmp_path / "cold.json"
+    checkpoint = tmp_path / "checkpoint"
+    subprocess.run(
+        [sys.executable, "-m", "benchmarks.cold_start", "--model", "tiny", "--quick", "--dir", str(checkpoint)]
+        + ["--json", str(out)],
+        cwd=ROOT,
+        check=True,
+        timeout=300,
+    )
+    result = json.loads(out.read_text())
+    assert (checkpoint / "model.safetensors").exists()  # a real checkpoint, loaded back by the child process
+    assert result["images"] == 16
+    assert result["total_s"] >= result["load_s"] + result["first_call_s"] > 0

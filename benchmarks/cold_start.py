@@ -1,0 +1,100 @@
+"""Model actor cold start: a fresh process loads a Janus checkpoint from local disk and runs its first model call
+(KV cache allocation and CUDA graph capture included), as a Ray model actor does when it starts.
+
+    python -m benchmarks.cold_start --model 7b --dir /tmp/janus-pro-7b-random   # H100 target: <= 90 s
+    python -m benchmarks.cold_start --model tiny --quick --dir /tmp/janus-tiny  # CPU smoke run (CI)
+
+The first run writes random weights at the model's real dims to DIR as a real checkpoint (safetensors and
+processor files). Before each measurement the checkpoint's pages are dropped from the OS page cache, so the
+weights come from disk, not memory.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.bench import PROMPT, build_model
+from janus_batch.jobs.specs import SynthesizeJob
+
+FIRST_CALL_PROMPTS = SynthesizeJob().resources.batch_size  # a synthesis job's first model call
+
+
+def write_checkpoint(size: str, out: Path, quick: bool) -> None:
+    device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model, processor = build_model(size, device, dtype, quick)
+    model.save_pretrained(out)
+    processor.save_pretrained(out)
+
+
+def drop_from_page_cache(directory: Path) -> None:
+    for path in directory.rglob("*"):
+        if path.is_file():
+            fd = os.open(path, os.O_RDONLY)
+            try:
+                os.fsync(fd)
+                os.posix_fadvise(fd, 0, 0, os.POSIX_FADV_DONTNEED)
+            finally:
+                os.close(fd)
+
+
+def first_call(source: str, prompts: int) -> dict:
+    """What the child process times: load the engine, then make 16 images for each of `prompts` prompts."""
+    from janus_batch.engine import JanusEngine
+
+    start = time.perf_counter()
+    engine = JanusEngine.from_pretrained(source)
+    loaded = time.perf_counter()
+    images = engine.generate_images([f"{PROMPT} #{i}" for i in range(prompts)], images_per_prompt=16)
+    if engine.device.type == "cuda":
+        torch.cuda.synchronize()
+    done = time.perf_counter()
+    return {"load_s": loaded - start, "first_call_s": done - loaded, "images": len(images)}
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
+    parser.add_argument("--dir", type=Path, required=True, help="checkpoint directory (written on the first run)")
+    parser.add_argument("--quick", action="store_true", help="the 64 px tiny model and one prompt: a smoke test")
+    parser.add_argument("--json", default=None, help="also write the timings to this JSON file")
+    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # prompts of the first call
+    args = parser.parse_args(argv)
+
+    if args.child is not None:
+        print(json.dumps(first_call(str(args.dir), args.child)))
+        return
+    if not (args.dir / "config.json").exists():
+        start = time.perf_counter()
+        write_checkpoint(args.model, args.dir, args.quick)
+        print(f"wrote a random {args.model} checkpoint to {args.dir} in {time.perf_counter() - start:.1f} s")
+    drop_from_page_cache(args.dir)
+    prompts = 1 if args.quick else FIRST_CALL_PROMPTS
+    start = time.perf_counter()
+    child = subprocess.run(
+        [sys.executable, "-m", "benchmarks.cold_start", "--dir", str(args.dir), "--child", str(prompts)],
+        check=True,
+        capture_output=True,
+        text=True,
+    )
+    result = json.loads(child.stdout.strip().splitlines()[-1])
+    result["total_s"] = time.perf_counter() - start
+    result["start_s"] = result["total_s"] - result["load_s"] - result["first_call_s"]  # interpreter, imports
+    print(
+        f"cold start {result['total_s']:.1f} s: process start and imports {result['start_s']:.1f} s, "
+        f"load {result['load_s']:.1f} s, first call ({result['images']} images) {result['first_call_s']:.1f} s"
+    )
+    if args.json:
+        Path(args.json).write_text(json.dumps(result))
+
+
+if __name__ == "__main__":
+    main()
