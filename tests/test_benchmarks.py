@@ -47,3 +47,10 @@ def test_cold_start_smoke_run(tmp_path):
     assert (checkpoint / "model.safetensors").exists()  # a real checkpoint, loaded back by the child process
     assert result["images"] == 16
     assert result["total_s"] >= result["load_s"] + result["first_call_s"] > 0
+
+
+def test_cold_start_first_call_is_a_jobs_first_model_call():
+    from benchmarks.cold_start import FIRST_CALL_PROMPTS
+    from janus_batch.jobs.specs import SynthesizeJob
+
+    assert SynthesizeJob().resources.batch_size == FIRST_CALL_PROMPTS

@@ -311,7 +311,21 @@ def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeyp
     for key, tokens in want.items():
         np.testing.assert_array_equal(got[key], tokens)
 
-    # With no budget to cut (CPU, no kv_cache_tokens) the error is the caller's.
+    # Out of memory whatever the cache: cut while it still holds one image, then the error is raised as it
+    # is (a device failure for the Ray stage to retry, not a row error).
+    def always_out_of_memory(*args):
+        injected.append(budgeted.kv.capacity)
+        raise torch.OutOfMemoryError("CUDA out of memory (injected)")
+
+    monkeypatch.setattr(decoder, "forward", always_out_of_memory)
     injected.clear()
     with pytest.raises(torch.OutOfMemoryError):
-        JanusEngine(engine.model, engine.processor).generate_images(PROMPTS)
+        budgeted.generate_images(PROMPTS, images_per_prompt=4)
+    one_image = 2 * decoder.round_up(longest + engine.num_gen_tokens)
+    assert injected[-1] * 0.8 < one_image <= injected[-1]
+    assert all(b == int(a * 0.8) for a, b in zip(injected, injected[1:], strict=False))
+
+    # With no budget to cut (CPU, no kv_cache_tokens) the error is raised at once.
+    unbudgeted = JanusEngine(engine.model, engine.processor)
+    with pytest.raises(torch.OutOfMemoryError):
+        unbudgeted.generate_images(PROMPTS)

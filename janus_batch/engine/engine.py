@@ -215,7 +215,7 @@ class JanusEngine:
             try:
                 results.extend(run(start, start + size))
             except torch.OutOfMemoryError:
-                if not self.shrink_kv():
+                if not self.shrink_kv(cache_rows * decoder.round_up(length)):
                     raise
                 continue
             start += size
@@ -284,12 +284,15 @@ class JanusEngine:
         vq_decode = self.vq_batch * self.gen_image_size**2 * vq.base_channels * 6 * item
         return max(prefill, decode, vq_decode) + GPU_MEMORY_MARGIN
 
-    def shrink_kv(self) -> bool:
+    def shrink_kv(self, item_slots: int) -> bool:
         """Out of GPU memory: give back OOM_SHRINK of the KV cache for workspace. False when there is no
-        budget to shrink."""
+        budget to shrink, or the smaller cache would not hold one item: then the error is the device's."""
         if self.kv is None or self.kv_cache_tokens is None:
             return False
-        self.kv_cache_tokens = int(self.kv.capacity * (1 - OOM_SHRINK))
+        smaller = int(self.kv.capacity * (1 - OOM_SHRINK))
+        if smaller < item_slots:
+            return False
+        self.kv_cache_tokens = smaller
         log.warning("out of GPU memory: KV cache cut to %d slots; retrying the batch", self.kv_cache_tokens)
         self.release_kv()
         return True
