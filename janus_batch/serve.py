@@ -71,7 +71,9 @@ class ServeArgs(BaseModel):
         description="at most this many images (or understanding rows) per forward pass; None: as many "
         "as GPU memory holds (64 on CPU)",
     )
-    gpu_memory_utilization: float = Field(0.9, gt=0, le=1, description="share of the GPU's memory a replica may use")
+    gpu_memory_utilization: float = Field(
+        0.9, gt=0, le=1, description="share of a GPU's memory a replica may use, times num_gpus if < 1"
+    )
     # Request limits.
     max_images_per_request: int = Field(16, ge=1)
     max_image_bytes: int = Field(10 * 2**20, ge=1)
@@ -241,7 +243,8 @@ class JanusServer:
             device="cuda" if args.num_gpus > 0 else "cpu",
             storage_options=args.storage_options or None,
             max_batch_rows=args.max_batch_rows,
-            gpu_memory_utilization=args.gpu_memory_utilization,
+            # Replicas sharing a GPU share its memory too.
+            gpu_memory_utilization=args.gpu_memory_utilization * min(args.num_gpus, 1) if args.num_gpus else 1.0,
         )
         # Understanding and generation batches are queued separately but share the model: one engine call at
         # a time, run in a thread so the event loop keeps accepting (and batching) requests meanwhile.
