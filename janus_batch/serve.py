@@ -38,7 +38,7 @@ from ray import serve
 from ray.serve import Application
 
 from janus_batch.engine import GeneratedImage, ImageInputError, JanusEngine, decode_image
-from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION
+from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, memory_share
 from janus_batch.model.tiny import ensure_tiny_model
 
 MAX_TEXT_CHARS = 8192  # any prompt, question or instruction; the token limit is checked against the model
@@ -243,8 +243,7 @@ class JanusServer:
             device="cuda" if args.num_gpus > 0 else "cpu",
             storage_options=args.storage_options or None,
             max_batch_rows=args.max_batch_rows,
-            # Replicas sharing a GPU share its memory too.
-            gpu_memory_utilization=args.gpu_memory_utilization * min(args.num_gpus, 1) if args.num_gpus else 1.0,
+            gpu_memory_utilization=memory_share(args.gpu_memory_utilization, args.num_gpus),
         )
         # Understanding and generation batches are queued separately but share the model: one engine call at
         # a time, run in a thread so the event loop keeps accepting (and batching) requests meanwhile.

@@ -91,6 +91,12 @@ def understanding_prompt(question: str, num_image_tokens: int, system_prompt: st
     return f"{system}<|User|>: {image}\n{question}\n\n<|Assistant|>:"
 
 
+def memory_share(gpu_memory_utilization: float, gpus: float) -> float:
+    """gpu_memory_utilization for a Ray actor or replica holding `gpus` GPUs: actors that share a GPU share
+    its memory too. 1.0 on CPU (no GPU memory to share)."""
+    return gpu_memory_utilization * min(gpus, 1) if gpus else 1.0
+
+
 def left_pad(rows: list[list[int]], pad_id: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
     """Token lists -> (ids [rows, max_len] left-padded with pad_id, pad_lens [rows])."""
     width = max(len(r) for r in rows)

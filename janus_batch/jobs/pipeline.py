@@ -30,6 +30,7 @@ from ray.data import ActorPoolStrategy
 from ray.data.checkpoint import CheckpointConfig
 
 from janus_batch import stages
+from janus_batch.engine.engine import memory_share
 from janus_batch.io import readers, schemas
 from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
 from janus_batch.io.writers import make_writer
@@ -183,8 +184,7 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
         storage=spec.storage,
         batching=dict(
             max_batch_rows=res.max_batch_rows,
-            # Actors sharing a GPU share its memory too.
-            gpu_memory_utilization=res.gpu_memory_utilization * min(gpus, 1) if gpus else 1.0,
+            gpu_memory_utilization=memory_share(res.gpu_memory_utilization, gpus),
         ),
     )
 
