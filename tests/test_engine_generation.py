@@ -12,6 +12,7 @@ from PIL import Image
 from scipy.stats import chi2_contingency, chisquare
 
 from janus_batch.engine import JanusEngine, decoder
+from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt
 from janus_batch.engine.sampling import id32, row_key
 from janus_batch.model.tiny import build_tiny_model
@@ -283,6 +284,12 @@ def test_kv_cache_budget_sets_equal_batches_and_is_kept_across_calls(engine, mon
     assert budgeted.kv is store
     assert budgeted.static_batches.keys() == kept.keys()
     assert all(budgeted.static_batches[k] is v for k, v in kept.items())
+
+    # Only the most recently used shapes are kept (a Serve replica meets many batch sizes).
+    monkeypatch.setattr(engine_module, "MAX_BATCH_SHAPES", 2)
+    for images in (1, 2, 3, 2):
+        budgeted.generate_images(PROMPTS[:1], images_per_prompt=images)
+    assert [k[1] for k in budgeted.static_batches] == [3, 2]
 
     with pytest.raises(ValueError, match="KV cache slots, the cache holds"):
         JanusEngine(engine.model, engine.processor, kv_cache_tokens=slots_per_image - 1).generate_images(PROMPTS)

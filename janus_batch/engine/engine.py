@@ -39,6 +39,8 @@ CPU_BATCH_ROWS = 64
 GPU_MEMORY_MARGIN = 1 << 30
 # Share of the KV cache given back after running out of GPU memory, before the batch is retried.
 OOM_SHRINK = 0.2
+# Batch shapes whose decode state (and CUDA graphs) an engine keeps; the least recently used goes first.
+MAX_BATCH_SHAPES = 32
 
 
 @dataclass
@@ -319,8 +321,10 @@ class JanusEngine:
             if capacity < cache_rows * length:
                 raise ValueError(f"{cache_rows} rows of {length} slots exceed the KV cache of {capacity} slots")
             self.kv = decoder.KVStore(self.lm, capacity, self.device, self.dtype)
-        batch = self.static_batches.get(key)
+        batch = self.static_batches.pop(key, None)
         if batch is None:
+            if len(self.static_batches) >= MAX_BATCH_SHAPES:
+                del self.static_batches[next(iter(self.static_batches))]
             device, long = self.device, torch.long
             batch = StaticBatch(
                 cache=self.kv.cache(cache_rows),
@@ -331,7 +335,7 @@ class JanusEngine:
                 step=torch.zeros((), dtype=long, device=device),
                 prompt_len=torch.zeros((), dtype=long, device=device),
             )
-            self.static_batches[key] = batch
+        self.static_batches[key] = batch  # the most recently used last
         return batch
 
     def graphed(self, step: Callable[[int], None]) -> Callable[[int], None]:
