@@ -20,6 +20,8 @@ import platform
 import time
 from collections.abc import Callable
 from dataclasses import asdict, dataclass
+from functools import partial
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -36,6 +38,8 @@ PROMPT = "A stunning princess from kabul in red, white traditional clothing, blu
 QUESTION = "Describe this image in detail, including the objects, the colours and the mood of the scene."
 
 # Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
+T = TypeVar("T")
+
 LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
 
 
@@ -134,6 +138,16 @@ def timed(
     return Row(task, impl, items, seconds, peak, steps)
 
 
+def attempt(what: str, fn: Callable[..., T], *args) -> T | None:
+    """fn(*args), or None with the error printed: one failing implementation must not cost the others' figures
+    (transformers 5.17's image generate is broken, and the engine's CUDA graphs have yet to run on a GPU)."""
+    try:
+        return fn(*args)
+    except Exception as e:
+        print(f"{what} failed: {type(e).__name__}: {e}")
+        return None
+
+
 def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
@@ -191,25 +205,16 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
         )
         engine.decode_image_tokens(torch.zeros((hf_rows, n), dtype=torch.long))  # same VQ work as the others
 
-    try:
-        rows.append(timed("generate", f"transformers generate, {hf_rows}/call", hf_rows, n, device, hf_generate))
-    except Exception as e:  # transformers 5.17's image generate is broken (_prepare_static_cache TypeError)
-        print(f"transformers generate failed: {type(e).__name__}: {e}")
+    impl = f"transformers generate, {hf_rows}/call"
+    rows.append(attempt(impl, timed, "generate", impl, hf_rows, n, device, hf_generate))
     batch = [PROMPT + f" #{i}" for i in range(prompts)]
     per_batch = engine.batch_size(prompts * images_per_prompt, 2, len(ids) + n)
     for mode, graphs in engine_modes(engine):
         engine.cuda_graphs = graphs
-        rows.append(
-            timed(
-                "generate",
-                f"janus-batch engine, {mode}, {per_batch}/batch",
-                prompts * images_per_prompt,
-                n,
-                device,
-                lambda: engine.generate_images(batch, images_per_prompt=images_per_prompt),
-            )
-        )
-    return rows
+        impl = f"janus-batch engine, {mode}, {per_batch}/batch"
+        run = partial(engine.generate_images, batch, images_per_prompt=images_per_prompt)
+        rows.append(attempt(impl, timed, "generate", impl, prompts * images_per_prompt, n, device, run))
+    return [r for r in rows if r is not None]
 
 
 def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
@@ -227,8 +232,8 @@ def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, float
     agreement = {}
     for mode, graphs in engine_modes(engine):
         engine.cuda_graphs = graphs
-        got = engine.generate_image_tokens(ids, [0] * len(ids), 5.0, 0.0).cpu()
-        agreement[mode] = (got == want).float().mean().item()
+        got = attempt(f"engine, {mode}", engine.generate_image_tokens, ids, [0] * len(ids), 5.0, 0.0)
+        agreement[mode] = None if got is None else (got.cpu() == want).float().mean().item()
     return agreement
 
 
@@ -274,18 +279,11 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
     per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
     for mode, graphs in engine_modes(engine):
         engine.cuda_graphs = graphs
-        rows.append(
-            timed(
-                "caption",
-                f"janus-batch engine, {mode}, {per_batch}/batch",
-                images,
-                new_tokens,
-                device,
-                lambda: engine.understand(list(pixels), [QUESTION] * images, max_new_tokens=new_tokens),
-            )
-        )
+        impl = f"janus-batch engine, {mode}, {per_batch}/batch"
+        run = partial(engine.understand, list(pixels), [QUESTION] * images, max_new_tokens=new_tokens)
+        rows.append(attempt(impl, timed, "caption", impl, images, new_tokens, device, run))
     engine.eos_id = eos
-    return rows
+    return [r for r in rows if r is not None]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -334,7 +332,7 @@ def main(argv: list[str] | None = None) -> None:
         agreement = greedy_agreement(engine, [PROMPT, "a red fox"])
         print(
             "greedy image tokens equal to the reference loop's: "
-            + ", ".join(f"{m} {100 * a:.2f}%" for m, a in agreement.items())
+            + ", ".join(f"{m} {100 * a:.2f}%" if a is not None else f"{m} failed" for m, a in agreement.items())
         )
         roof = generation_roofline(engine, image_batch, prompt_len, bandwidth)
         results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, hf_rows, device)]

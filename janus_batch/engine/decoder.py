@@ -91,13 +91,14 @@ class CudaGraphs:
         self.step = step
         self.pool = pool
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
+        self.warm_up_stream = torch.cuda.Stream()
 
     def __call__(self, kv_len: int) -> None:
         graph = self.graphs.get(kv_len)
         if graph is not None:
             graph.replay()
             return
-        stream = torch.cuda.Stream()
+        stream = self.warm_up_stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.step(kv_len)
