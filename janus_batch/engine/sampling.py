@@ -42,7 +42,7 @@ def row_key(seed: int, stream_id: int, index: int) -> int:
 
 
 def vocab_codes(vocab_size: int, device: torch.device) -> torch.Tensor:
-    """Per-vocab-entry hash inputs, computed once per batch."""
+    """Per-vocab-entry hash inputs, computed once per engine."""
     return mix32((torch.arange(vocab_size, device=device, dtype=torch.int64) * 0x9E3779B1) & _M32)
 
 
