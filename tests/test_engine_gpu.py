@@ -29,7 +29,8 @@ def engine() -> JanusEngine:
 
 
 def graph_count(engine: JanusEngine) -> int:
-    return sum(len(b.run_step.graphs) for b in engine.static_batches.values() if b.run_step is not None)
+    steps = [b.run_step for b in engine.static_batches.values()]
+    return sum(len(step.graphs) for step in steps if isinstance(step, decoder.CudaGraphs))
 
 
 def run_images(engine: JanusEngine, graphs: bool, prompts: list[str], **kwargs) -> np.ndarray:
