@@ -37,9 +37,9 @@ from tests.reference import reference_generate
 PROMPT = "A stunning princess from kabul in red, white traditional clothing, blue eyes, brown hair"
 QUESTION = "Describe this image in detail, including the objects, the colours and the mood of the scene."
 
-# Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
 T = TypeVar("T")
 
+# Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
 LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
 
 
@@ -223,7 +223,7 @@ def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
     return [("eager", False), ("CUDA graphs", True)] if engine.device.type == "cuda" else [("eager", False)]
 
 
-def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, float]:
+def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, float | None]:
     """Share of greedy image tokens equal to DeepSeek's reference loop on the same model, per engine mode
     (one image per prompt; prompts of different lengths share the engine's batch)."""
     ids = [engine.encode(generation_prompt(p)) for p in prompts]
