@@ -152,26 +152,26 @@ def weight_bytes(module: torch.nn.Module) -> int:
     return sum(p.numel() * p.element_size() for p in module.parameters())
 
 
+def decoder_bytes(engine: JanusEngine) -> int:
+    """Weights a decode step reads: the decoder layers and norm (an embedding lookup reads one row, not the table)."""
+    return weight_bytes(engine.lm) - weight_bytes(engine.lm.embed_tokens)
+
+
 def generation_roofline(engine: JanusEngine, rows: int, prompt_len: int, bandwidth: float) -> float:
-    """Images/s if each decode step only had to read the LLM weights once and the filled KV cache of 2 x rows."""
-    lm = engine.lm
-    cfg = lm.config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * engine.dtype.itemsize
+    """Images/s if each decode step only had to read the weights once and the filled KV cache of 2 x rows."""
+    model = engine.model.model
+    weights = decoder_bytes(engine) + weight_bytes(model.generation_aligner) + weight_bytes(model.generation_head)
     mean_filled = prompt_len + engine.num_gen_tokens / 2
-    step_bytes = (
-        weight_bytes(lm) + weight_bytes(engine.model.model.generation_head) + 2 * rows * kv_per_token * mean_filled
-    )
-    return rows / (engine.num_gen_tokens * step_bytes / bandwidth)
+    kv = 2 * rows * decoder.bytes_per_slot(engine.lm, engine.dtype) * mean_filled
+    return rows / (engine.num_gen_tokens * (weights + kv) / bandwidth)
 
 
 def caption_roofline(engine: JanusEngine, rows: int, prompt_len: int, new_tokens: int, bandwidth: float) -> float:
-    lm = engine.lm
-    cfg = lm.config
-    kv_per_token = 2 * cfg.num_hidden_layers * cfg.hidden_size * engine.dtype.itemsize
-    step_bytes = (
-        weight_bytes(lm) + weight_bytes(engine.model.lm_head) + rows * kv_per_token * (prompt_len + new_tokens / 2)
-    )
-    return rows / (new_tokens * step_bytes / bandwidth)
+    """Captions/s if each decode step only had to read the weights once and the filled KV cache (prefill not
+    counted: it is compute-bound, see RESULTS.md)."""
+    weights = decoder_bytes(engine) + weight_bytes(engine.model.lm_head)
+    kv = rows * decoder.bytes_per_slot(engine.lm, engine.dtype) * (prompt_len + new_tokens / 2)
+    return rows / (new_tokens * (weights + kv) / bandwidth)
 
 
 def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device) -> list[Row]:
