@@ -31,6 +31,7 @@ from transformers import JanusConfig, JanusForConditionalGeneration, JanusImageP
 
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine.engine import generation_prompt, understanding_prompt
+from janus_batch.engine.images import normalize
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import reference_generate
 
@@ -253,7 +254,7 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
                 model.generate(
                     input_ids=ids,
                     attention_mask=torch.ones_like(ids),
-                    pixel_values=torch.from_numpy(pixels[start : start + n]).to(device, engine.dtype),
+                    pixel_values=normalize(torch.from_numpy(pixels[start : start + n]).to(device)).to(engine.dtype),
                     max_new_tokens=new_tokens,
                     min_new_tokens=new_tokens,  # random weights: keep every row to the same length
                     do_sample=False,

@@ -1,5 +1,5 @@
-"""Model actor cold start: a fresh process loads a Janus checkpoint from local disk and runs its first model call
-(KV cache allocation and CUDA graph capture included), as a Ray model actor does when it starts.
+"""Model actor cold start: a fresh process loads a Janus checkpoint from local disk and runs its first forward batch
+(KV cache planning and allocation, CUDA graph capture included), as a Ray model actor does when it starts.
 
     python -m benchmarks.cold_start --model 7b --dir /tmp/janus-pro-7b-random   # H100 target: <= 90 s
     python -m benchmarks.cold_start --model tiny --quick --dir /tmp/janus-tiny  # CPU smoke run (CI)
@@ -23,9 +23,7 @@ import torch
 
 from benchmarks.bench import PROMPT, build_model
 
-# A synthesis job's first model call: ResourceSpec.batch_size's default (not imported: GPU machines have
-# torch and transformers but not the jobs' dependencies; tests/test_benchmarks.py checks the two agree).
-FIRST_CALL_PROMPTS = 8
+IMAGES_PER_PROMPT = 16
 
 
 def write_checkpoint(size: str, out: Path, quick: bool) -> None:
@@ -47,51 +45,54 @@ def drop_from_page_cache(directory: Path) -> None:
                 os.close(fd)
 
 
-def first_call(source: str, prompts: int) -> dict:
-    """What the child process times: load the engine, then make 16 images for each of `prompts` prompts."""
+def first_batch(source: str) -> dict:
+    """What the child process times: load the engine, then make one forward batch of images (as many as its KV
+    cache holds: on a GPU, planning the cache is part of the first batch)."""
     from janus_batch.engine import JanusEngine
+    from janus_batch.engine.engine import generation_prompt
 
     start = time.perf_counter()
     engine = JanusEngine.from_pretrained(source)
     loaded = time.perf_counter()
-    images = engine.generate_images([f"{PROMPT} #{i}" for i in range(prompts)], images_per_prompt=16)
+    length = len(engine.encode(generation_prompt(PROMPT))) + engine.num_gen_tokens
+    prompts = max(1, engine.batch_limit(2, length) // IMAGES_PER_PROMPT)
+    images = engine.generate_images([PROMPT] * prompts, prompt_ids=range(prompts), images_per_prompt=IMAGES_PER_PROMPT)
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     done = time.perf_counter()
-    return {"load_s": loaded - start, "first_call_s": done - loaded, "images": len(images)}
+    return {"load_s": loaded - start, "first_batch_s": done - loaded, "images": len(images)}
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
     parser.add_argument("--dir", type=Path, required=True, help="checkpoint directory (written on the first run)")
-    parser.add_argument("--quick", action="store_true", help="the 64 px tiny model and one prompt: a smoke test")
+    parser.add_argument("--quick", action="store_true", help="the 64 px tiny model: a smoke test")
     parser.add_argument("--json", default=None, help="also write the timings to this JSON file")
-    parser.add_argument("--child", type=int, default=None, help=argparse.SUPPRESS)  # prompts of the first call
+    parser.add_argument("--child", action="store_true", help=argparse.SUPPRESS)  # the timed process
     args = parser.parse_args(argv)
 
-    if args.child is not None:
-        print(json.dumps(first_call(str(args.dir), args.child)))
+    if args.child:
+        print(json.dumps(first_batch(str(args.dir))))
         return
     if not (args.dir / "config.json").exists():
         start = time.perf_counter()
         write_checkpoint(args.model, args.dir, args.quick)
         print(f"wrote a random {args.model} checkpoint to {args.dir} in {time.perf_counter() - start:.1f} s")
     drop_from_page_cache(args.dir)
-    prompts = 1 if args.quick else FIRST_CALL_PROMPTS
     start = time.perf_counter()
     child = subprocess.run(
-        [sys.executable, "-m", "benchmarks.cold_start", "--dir", str(args.dir), "--child", str(prompts)],
+        [sys.executable, "-m", "benchmarks.cold_start", "--dir", str(args.dir), "--child"],
         check=True,
         capture_output=True,
         text=True,
     )
     result = json.loads(child.stdout.strip().splitlines()[-1])
     result["total_s"] = time.perf_counter() - start
-    result["start_s"] = result["total_s"] - result["load_s"] - result["first_call_s"]  # interpreter, imports
+    result["start_s"] = result["total_s"] - result["load_s"] - result["first_batch_s"]  # interpreter, imports
     print(
         f"cold start {result['total_s']:.1f} s: process start and imports {result['start_s']:.1f} s, "
-        f"load {result['load_s']:.1f} s, first call ({result['images']} images) {result['first_call_s']:.1f} s"
+        f"load {result['load_s']:.1f} s, first batch ({result['images']} images) {result['first_batch_s']:.1f} s"
     )
     if args.json:
         Path(args.json).write_text(json.dumps(result))

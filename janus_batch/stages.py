@@ -198,7 +198,7 @@ def encode_images(
 
 # ---- caption / VQA ---------------------------------------------------------------------------------------
 
-PREPARED_IMAGE = "pixels"  # float32 [3, S, S] in [-1, 1], as raw bytes
+PREPARED_IMAGE = "pixels"  # uint8 [S, S, 3] resized and padded (preprocess_image), as raw bytes
 
 
 def prepare_images(
@@ -291,7 +291,7 @@ class Describer:
         good = [i for i, e in enumerate(errors) if e is None]
         pixels = batch[PREPARED_IMAGE].to_pylist()
         questions = batch["question"].to_pylist()
-        arrays = {i: np.frombuffer(pixels[i], np.float32).reshape(3, size, size) for i in good}
+        arrays = {i: np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in good}
         results = {}
         try:
             results = self.understand(good, arrays, questions, keys)

@@ -12,6 +12,7 @@ from PIL import Image
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, understanding_prompt
+from janus_batch.engine.images import normalize
 from janus_batch.model.tiny import build_tiny_model
 
 
@@ -39,7 +40,7 @@ def hf_generate(engine: JanusEngine, images, questions, max_new_tokens: int) -> 
     width = max(map(len, prompts))
     ids = torch.tensor([[engine.pad_id] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pixels = torch.from_numpy(np.stack([engine.prepare_image(im) for im in images]))
+    pixels = normalize(torch.from_numpy(np.stack([engine.prepare_image(im) for im in images])))
     out = engine.model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -84,8 +85,10 @@ def test_accepts_bytes_pil_and_preprocessed_arrays(engine):
         [image, buf.getvalue(), engine.prepare_image(image)], max_new_tokens=6
     )
     assert as_pil == as_bytes == as_array
-    with pytest.raises(ValueError, match="shape"):
-        engine.understand([np.zeros((3, 10, 10), np.float32)])
+    size = engine.image_size
+    for wrong in (np.zeros((3, size, size), np.uint8), np.zeros((size, size, 3), np.float32)):
+        with pytest.raises(ValueError, match="a preprocessed image must be uint8 of shape"):
+            engine.understand([wrong])
 
 
 def test_sampling_is_seeded_per_row(engine):

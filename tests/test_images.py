@@ -8,10 +8,11 @@ import zlib
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
-from janus_batch.engine.images import PAD_GRAY, to_rgb
+from janus_batch.engine.images import PAD_GRAY, normalize, to_rgb
 from janus_batch.model.tiny import build_tiny_model
 
 
@@ -24,14 +25,21 @@ def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
 def test_preprocess_resizes_long_side_and_pads_with_gray():
     red = Image.new("RGB", (200, 100), (255, 0, 0))
     pixels = preprocess_image(red, 384)
-    assert pixels.shape == (3, 384, 384) and pixels.dtype == np.float32
-    gray = (PAD_GRAY[0] / 255 - 0.5) / 0.5
+    assert pixels.shape == (384, 384, 3) and pixels.dtype == np.uint8
     # 200x100 -> 384x192, centred: rows 0..95 and 288..383 are padding.
-    np.testing.assert_allclose(pixels[:, :96], gray, atol=1e-6)
-    np.testing.assert_allclose(pixels[:, 288:], gray, atol=1e-6)
-    inside = pixels[:, 100:280, 10:370].reshape(3, -1)
-    np.testing.assert_allclose(inside.min(1), [1.0, -1.0, -1.0], atol=1e-6)
-    np.testing.assert_allclose(inside.max(1), [1.0, -1.0, -1.0], atol=1e-6)
+    assert (pixels[:96] == PAD_GRAY).all() and (pixels[288:] == PAD_GRAY).all()
+    assert (pixels[100:280, 10:370] == (255, 0, 0)).all()
+
+
+def test_normalize_scales_to_minus_one_one_as_deepseek_does():
+    pixels = preprocess_image(Image.new("RGB", (200, 100), (255, 0, 0)), 384)
+    scaled = normalize(torch.from_numpy(np.stack([pixels, pixels])))
+    assert scaled.shape == (2, 3, 384, 384) and scaled.dtype == torch.float32
+    # DeepSeek's processor: float32 pixels / 255, then (x - 0.5) / 0.5, bit for bit.
+    deepseek = ((pixels.astype(np.float32) / 255.0 - 0.5) / 0.5).transpose(2, 0, 1)
+    assert np.array_equal(scaled[1].numpy(), deepseek)
+    assert scaled[0, :, 0, 0].tolist() == [(np.float32(127) / 255 - 0.5) / 0.5] * 3
+    assert scaled[0, :, 200, 200].tolist() == [1.0, -1.0, -1.0]
 
 
 def test_preprocess_matches_transformers_janus_image_processor():
@@ -43,7 +51,8 @@ def test_preprocess_matches_transformers_janus_image_processor():
     for w, h in [(640, 480), (300, 600), (384, 384)]:
         image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
         theirs = hf(image, return_tensors="np")["pixel_values"][0]
-        np.testing.assert_allclose(preprocess_image(image, 384), theirs, atol=2e-2)
+        ours = normalize(torch.from_numpy(preprocess_image(image, 384)[None]))[0].numpy()
+        np.testing.assert_allclose(ours, theirs, atol=2e-2)
 
 
 @pytest.mark.parametrize(

@@ -17,9 +17,10 @@ from PIL import Image
 from pydantic import ValidationError
 
 from janus_batch import stages
+from janus_batch.engine import decode_image, preprocess_image
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
-from janus_batch.jobs.specs import RUN_ID, CaptionJob, SynthesizeJob, resolve_run_id
+from janus_batch.jobs.specs import RUN_ID, CaptionJob, ResourceSpec, SynthesizeJob, resolve_run_id
 from tests.jobs_data import encoded, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -80,6 +81,18 @@ def test_caption_spec_modes():
     assert folder.input.id_column is None and folder.text_column == "caption"
 
 
+def test_default_batch_size_fills_several_forward_batches():
+    # 512 outputs a call: a call smaller than the engine's forward batch (on a GPU, hundreds of rows) would
+    # leave the GPU underused.
+    assert SynthesizeJob().resources.batch_size == 32  # prompts: 32 x 16 images
+    assert SynthesizeJob(images_per_prompt=4).resources.batch_size == 128
+    assert SynthesizeJob(images_per_prompt=1000).resources.batch_size == 1
+    assert CaptionJob(input={"path": "x"}).resources.batch_size == 512
+    assert SynthesizeJob(resources={"batch_size": 3}).resources.batch_size == 3
+    mine = ResourceSpec(actors=2)
+    assert SynthesizeJob(resources=mine).resources.batch_size == 32 and mine.batch_size is None  # not mutated
+
+
 def run_script(script: str, args: list[str], monkeypatch) -> None:
     """A pipelines/ script as `python pipelines/SCRIPT ARGS` runs it, in this process (no import cost)."""
     monkeypatch.setattr(sys, "argv", [script, *args])
@@ -99,6 +112,7 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
     out = capsys.readouterr().out
     spec = json.loads(out[: out.index("plan (")])
     assert spec["images_per_prompt"] == 3 and spec["resources"]["actors"] == 2  # flags override the file
+    assert spec["resources"]["batch_size"] == 170 and "170 prompts per call" in out  # 510 of 512 images a call
     assert spec["input"]["prompt_column"] == "text" and spec["output"]["format"] == "webdataset"
     assert spec["storage"]["secret"] == "***" and "hunter2" not in out
     assert "3 images per prompt" in out and "webdataset to s3://b/out/<new run id>/data" in out
@@ -203,8 +217,8 @@ def test_prepare_images_reports_each_bad_row(tmp_path, storage):
     for (_, expected), error, pixels in zip(cases, out["error"].to_pylist(), out["pixels"].to_pylist(), strict=True):
         if expected is None:
             assert error is None
-            array = np.frombuffer(pixels, np.float32).reshape(3, 64, 64)
-            assert array.min() >= -1 and array.max() <= 1
+            array = np.frombuffer(pixels, np.uint8).reshape(64, 64, 3)
+            assert any((array == preprocess_image(decode_image(data), 64)).all() for data in good)
         else:
             assert expected in error and pixels is None
     assert out.column_names == ["row_hash", "image_id", "question", "pixels", "error"]

@@ -18,7 +18,7 @@ import torch
 from PIL import Image
 
 from janus_batch.engine import decoder, sampling
-from janus_batch.engine.images import decode_image, pixels_to_uint8, preprocess_image, to_rgb
+from janus_batch.engine.images import decode_image, normalize, pixels_to_uint8, preprocess_image, to_rgb
 from janus_batch.model.loading import load_janus
 
 log = logging.getLogger(__name__)
@@ -470,11 +470,13 @@ class JanusEngine:
     # ---- understanding -------------------------------------------------------------------------------
 
     def prepare_image(self, image: Image.Image | bytes | np.ndarray) -> np.ndarray:
-        """Encoded bytes, a PIL image or an already preprocessed array -> float32 [3, S, S] in [-1, 1]."""
+        """Encoded bytes, a PIL image or an already preprocessed array -> uint8 [S, S, 3] (`preprocess_image`)."""
         if isinstance(image, np.ndarray):
-            expected = (3, self.image_size, self.image_size)
-            if image.shape != expected:
-                raise ValueError(f"preprocessed image must have shape {expected}, got {image.shape}")
+            expected = (self.image_size, self.image_size, 3)
+            if image.shape != expected or image.dtype != np.uint8:
+                raise ValueError(
+                    f"a preprocessed image must be uint8 of shape {expected}, got {image.dtype} {image.shape}"
+                )
             return image
         pil = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image)
         return preprocess_image(pil, self.image_size)
@@ -540,7 +542,7 @@ class JanusEngine:
 
         def embed(start: int, end: int) -> torch.Tensor:
             """Prompt embeddings of rows [start, end), the image features in place of the placeholders."""
-            pixel_values = torch.from_numpy(pixels[start:end]).to(device, self.dtype)
+            pixel_values = normalize(torch.from_numpy(pixels[start:end]).to(device)).to(self.dtype)
             features = model.model.aligner(model.model.vision_model(pixel_values).last_hidden_state)
             embeds = lm.embed_tokens(ids[start:end])
             image_slots = (ids[start:end] == self.image_token_id)[..., None]

@@ -65,8 +65,9 @@ def to_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
 
 
 def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
-    """DeepSeek's understanding preprocessing: long side to `size` (bicubic), pad to a square with gray
-    (127, 127, 127), scale to [-1, 1]. Returns float32 [3, size, size]."""
+    """DeepSeek's understanding preprocessing up to the scaling: long side to `size` (bicubic), pad to a square
+    with gray (127, 127, 127). Returns uint8 [size, size, 3], a quarter of the float pixels' bytes to ship;
+    `normalize` scales them to [-1, 1] on the model's device."""
     width, height = image.size
     long_side = max(width, height)
     new_w = max(int(width / long_side * size), MIN_SIDE)
@@ -74,8 +75,12 @@ def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
     square = Image.new("RGB", (size, size), PAD_GRAY)
     square.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
-    pixels = np.asarray(square, dtype=np.float32) / 255.0
-    return ((pixels - 0.5) / 0.5).transpose(2, 0, 1).copy()
+    return np.asarray(square, dtype=np.uint8).copy()
+
+
+def normalize(pixels: torch.Tensor) -> torch.Tensor:
+    """uint8 [n, S, S, 3] -> float32 [n, 3, S, S] in [-1, 1], scaled as DeepSeek's processor does."""
+    return ((pixels.float() / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
 
 
 def pixels_to_uint8(decoded: torch.Tensor) -> np.ndarray:

@@ -14,7 +14,7 @@ from pathlib import Path
 import yaml
 from pydantic import ValidationError
 
-from janus_batch.jobs.specs import JobSpec
+from janus_batch.jobs.specs import ROWS_PER_CALL, JobSpec
 
 # flag dest -> dotted field path, for the flags every job has
 COMMON_FLAGS = {
@@ -57,7 +57,9 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--gpus-per-actor", type=float, help="default: 1 if the cluster has GPUs, else 0")
     p.add_argument("--cpus-per-actor", type=float)
     p.add_argument("--cpus-per-task", type=float, help="CPUs per CPU-stage task")
-    p.add_argument("--batch-size", type=int, help="input rows per model call")
+    p.add_argument(
+        "--batch-size", type=int, help=f"input rows per model call (default: {ROWS_PER_CALL} images or texts a call)"
+    )
     p.add_argument("--max-batch-rows", type=int, help="rows per forward pass (default: as many as GPU memory holds)")
     p.add_argument("--gpu-memory-utilization", type=float, help="share of a GPU's memory a model actor may use")
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph, ...)")

@@ -18,6 +18,10 @@ from janus_batch.io.storage import StorageConfig, join
 from janus_batch.io.writers import OutputFormat
 
 RUN_ID = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
+# Output rows (images, or texts) per model call by default. A call is split into forward batches as large as
+# the GPU's KV cache holds (on an 80 GB card ~90 images or ~165 captions for 7B, ~270 / ~490 for 1B), so a
+# call must hold several of them: a smaller call runs smaller batches and leaves the GPU underused.
+ROWS_PER_CALL = 512
 
 
 def resolve_run_id(template: str, now: datetime) -> str:
@@ -50,7 +54,12 @@ class ResourceSpec(Spec):
     gpus_per_actor: float | None = Field(None, ge=0, description="None: 1 if the cluster has GPUs, else 0 (CPU)")
     cpus_per_actor: float = Field(1, ge=0)
     cpus_per_task: float = Field(1, gt=0, description="CPUs per CPU-stage task (decode, encode)")
-    batch_size: int = Field(8, ge=1, description="input rows per model call: prompts, or images")
+    batch_size: int | None = Field(
+        None,
+        ge=1,
+        description=f"input rows (prompts, or images) per model call and output block; None: {ROWS_PER_CALL} "
+        "output rows (images or texts) per call",
+    )
     max_batch_rows: int | None = Field(
         None, ge=1, description="at most this many rows per forward pass; None: as many as GPU memory holds (64 on CPU)"
     )
@@ -88,6 +97,17 @@ class JobSpec(Spec):
         None,
         description="rerun with the same id to resume; {now:STRFTIME} is filled in (UTC) at the start; None: new id",
     )
+
+    @model_validator(mode="after")
+    def default_batch_size(self) -> JobSpec:
+        if self.resources.batch_size is None:
+            rows = max(1, ROWS_PER_CALL // self.outputs_per_input)
+            self.resources = self.resources.model_copy(update={"batch_size": rows})
+        return self
+
+    @property
+    def outputs_per_input(self) -> int:
+        return 1
 
     @field_validator("run_id")
     @classmethod
@@ -136,6 +156,10 @@ class SynthesizeJob(JobSpec):
     top_p: float | None = Field(None, gt=0, le=1)
     seed: int = 0
     greedy: bool = False
+
+    @property
+    def outputs_per_input(self) -> int:
+        return self.images_per_prompt
 
     @model_validator(mode="after")
     def check_block_size(self) -> SynthesizeJob:
