@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import numpy as np
 import torch
+import torch.nn.functional as F
 
 
 @torch.inference_mode()
@@ -31,14 +32,15 @@ def reference_generate(
     n_tokens = grid * grid
     steps = steps or n_tokens
 
-    tokens = torch.zeros((parallel_size * 2, len(input_ids)), dtype=torch.long)
+    device = lm.get_input_embeddings().weight.device
+    tokens = torch.zeros((parallel_size * 2, len(input_ids)), dtype=torch.long, device=device)
     for i in range(parallel_size * 2):
         tokens[i, :] = torch.tensor(input_ids)
         if i % 2 != 0:
             tokens[i, 1:-1] = pad_id
     inputs_embeds = lm.get_input_embeddings()(tokens)
 
-    generated = torch.zeros((parallel_size, steps), dtype=torch.long)
+    generated = torch.zeros((parallel_size, steps), dtype=torch.long, device=device)
     past = None
     for i in range(steps):
         outputs = lm(inputs_embeds=inputs_embeds, use_cache=True, past_key_values=past)
@@ -57,13 +59,13 @@ def reference_generate(
         inputs_embeds = model.prepare_embeddings_for_image_generation(next_token).unsqueeze(dim=1)
 
     if steps != n_tokens:
-        return generated, None
+        return generated.cpu(), None
     dec = model.model.vqmodel.decode(generated)
     dec = dec.to(torch.float32).cpu().numpy().transpose(0, 2, 3, 1)
     dec = np.clip((dec + 1) / 2 * 255, 0, 255)
     visual_img = np.zeros((parallel_size, dec.shape[1], dec.shape[2], 3), dtype=np.uint8)
     visual_img[:, :, :] = dec
-    return generated, visual_img
+    return generated.cpu(), visual_img
 
 
 @torch.inference_mode()
@@ -84,3 +86,15 @@ def first_step_distribution(
     logits = model.model.generation_head(torch.stack(hidden)).double()
     mixed = logits[1] + cfg_weight * (logits[0] - logits[1])
     return torch.softmax(mixed / temperature, dim=-1).numpy()
+
+
+def reference_attention(q, k, v, attn_mask, scale, enable_gqa):
+    """A stand-in for the engine's attention call (`decoder.F.scaled_dot_product_attention`) that makes the call
+    transformers makes for an unpadded batch, as in the reference loop: exactly the filled keys, no mask in
+    decode, is_causal in prefill. The engine itself reads 64-slot buckets of its cache under a mask. It reads the
+    mask on the host: eager runs only, no CUDA graphs."""
+    filled = int(attn_mask[:, 0, -1].any(0).nonzero().max()) + 1
+    causal = torch.ones(q.shape[2], filled, dtype=torch.bool, device=q.device).tril(filled - q.shape[2])
+    assert (attn_mask[..., :filled] == causal).all()  # an unpadded batch: the mask only hides future slots
+    k, v = k[:, :, :filled], v[:, :, :filled]
+    return F.scaled_dot_product_attention(q, k, v, is_causal=q.shape[2] > 1, scale=scale, enable_gqa=enable_gqa)

@@ -7,6 +7,8 @@ server), run it as
 
 from __future__ import annotations
 
+from types import SimpleNamespace
+
 import numpy as np
 import pytest
 import torch
@@ -15,6 +17,7 @@ from PIL import Image
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine.engine import generation_prompt
 from janus_batch.model.tiny import build_tiny_model
+from tests.reference import reference_attention, reference_generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 
@@ -64,6 +67,18 @@ def test_understanding_with_cuda_graphs_matches_eager(engine):
     engine.cuda_graphs = True
     assert engine.understand(images, questions, max_new_tokens=40) == eager
     assert graph_count(engine) > 0
+
+
+def test_bf16_tokens_differ_from_the_reference_loop_only_by_attention_rounding(monkeypatch):
+    # As on CPU (tests/test_engine_generation.py): with the reference's attention call in place of the engine's,
+    # one prompt's 576 greedy tokens in bf16 are the reference loop's, every one (eager: the stand-in syncs).
+    model, processor = build_tiny_model(384)
+    model = model.to("cuda", torch.bfloat16)
+    engine = JanusEngine(model, processor, cuda_graphs=False)
+    ids = [engine.encode(generation_prompt(PROMPTS[1]))]
+    want = reference_generate(model, ids[0], engine.pad_id, 1, 5.0, greedy=True)[0]
+    monkeypatch.setattr(decoder, "F", SimpleNamespace(scaled_dot_product_attention=reference_attention))
+    np.testing.assert_array_equal(engine.generate_image_tokens(ids, [0], 5.0, 0.0).cpu().numpy(), want.numpy())
 
 
 def test_kv_cache_is_planned_from_gpu_memory_and_respected():

@@ -430,7 +430,9 @@ class JanusEngine:
 
         def take(hidden: torch.Tensor) -> None:
             """Token `step` of every row from the last hidden states of its two CFG rows, then step + 1."""
-            logits = model.model.generation_head(hidden).float()
+            # The CFG mix in the model's dtype, as DeepSeek's code does (sampling then works in float32): in
+            # bf16 the engine's tokens then differ from the reference loop's only by attention rounding (tests).
+            logits = model.model.generation_head(hidden)
             cond, uncond_logits = logits[:n], logits[n:]
             mixed = uncond_logits + cfg_weight * (cond - uncond_logits)
             token = sampling.sample(mixed, batch.keys, batch.step, codes, temperature, top_k, top_p)
