@@ -40,6 +40,9 @@ QUESTION = "Describe this image in detail, including the objects, the colours an
 
 T = TypeVar("T")
 
+# What the 'x ref' column divides by: DeepSeek's loop for synthesis, one image per call for captioning.
+BASELINES = {"generate": "DeepSeek reference loop", "caption": "transformers generate, 1/call"}
+
 # Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
 LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
 
@@ -141,7 +144,7 @@ def timed(
 
 def attempt(what: str, fn: Callable[..., T], *args) -> T | None:
     """fn(*args), or None with the error printed: one failing implementation must not cost the others' figures
-    (transformers 5.17's image generate is broken, and the engine's CUDA graphs have yet to run on a GPU)."""
+    (transformers 5.17's image generate is broken, and nothing here has yet run on a GPU)."""
     try:
         return fn(*args)
     except Exception as e:
@@ -179,15 +182,18 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
     model, n = engine.model, engine.num_gen_tokens
     ids = engine.encode(generation_prompt(PROMPT))
     engine.release_kv()  # the engine's KV cache takes most of the GPU
+    impl = f"{BASELINES['generate']}, {images_per_prompt}/call"
     rows = [
-        timed(
+        attempt(
+            impl,
+            timed,
             "generate",
-            f"DeepSeek reference loop, {images_per_prompt}/call",
+            impl,
             images_per_prompt,
             n,
             device,
             lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
-            warm_up=False,  # launch-bound for a minute on a GPU: a warm-up would change nothing but the wait
+            False,  # no warm-up: launch-bound for a minute on a GPU, a warm-up would change nothing but the wait
         )
     ]
     input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
@@ -281,17 +287,11 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
         return run
 
     one = min(images, 4)
-    rows = [timed("caption", "transformers generate, 1/call", one, new_tokens * one, device, hf_caption(1, one))]
-    rows.append(
-        timed(
-            "caption",
-            f"transformers generate, {hf_rows}/call",
-            images,
-            new_tokens * -(-images // hf_rows),
-            device,
-            hf_caption(hf_rows, images),
-        )
-    )
+    impl = BASELINES["caption"]
+    rows = [attempt(impl, timed, "caption", impl, one, new_tokens * one, device, hf_caption(1, one))]
+    impl = f"transformers generate, {hf_rows}/call"
+    steps = new_tokens * -(-images // hf_rows)
+    rows.append(attempt(impl, timed, "caption", impl, images, steps, device, hf_caption(hf_rows, images)))
     eos = engine.eos_id
     engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
     per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
@@ -347,7 +347,7 @@ def main(argv: list[str] | None = None) -> None:
     agreement = {}
     prompt_len = len(engine.encode(generation_prompt(PROMPT)))
     if args.task in ("generate", "all"):
-        agreement = greedy_agreement(engine, [PROMPT, "a red fox"])
+        agreement = attempt("greedy agreement", greedy_agreement, engine, [PROMPT, "a red fox"]) or {}
         print("greedy image tokens equal to the reference loop's (1/call):")
         for name, result in agreement.items():
             print(f"  {describe_agreement(name, result)}")
@@ -358,12 +358,12 @@ def main(argv: list[str] | None = None) -> None:
         results += [(r, roof) for r in bench_caption(engine, captions, min(hf_rows, captions), new_tokens, device)]
 
     print(f"{'task':9} {'implementation':42} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'x ref':>7} {'% roof':>7}")
-    reference = {}
+    reference = {row.task: row.per_second for row, _ in results if row.impl.startswith(BASELINES[row.task])}
     for row, roof in results:
-        reference.setdefault(row.task, row.per_second)
+        ratio = f"{row.per_second / reference[row.task]:7.1f}" if row.task in reference else "      -"
         print(
             f"{row.task:9} {row.impl:42} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
-            f"{row.per_second / reference[row.task]:7.1f} {100 * row.per_second / roof:6.1f}%"
+            f"{ratio} {100 * row.per_second / roof:6.1f}%"
         )
     print("rooflines (items/s): " + ", ".join(sorted({f"{r.task} {roof:.1f}" for r, roof in results})))
     if args.json:

@@ -3,6 +3,8 @@ batch invariance and per-image seeds."""
 
 from __future__ import annotations
 
+import gc
+import weakref
 from collections import Counter
 from types import SimpleNamespace
 
@@ -311,6 +313,28 @@ def test_kv_cache_budget_sets_equal_batches_and_is_kept_across_calls(engine, mon
 
     with pytest.raises(ValueError, match="KV cache slots, the cache holds"):
         JanusEngine(engine.model, engine.processor, kv_cache_tokens=slots_per_image - 1).generate_images(PROMPTS)
+
+
+def test_dropped_batches_free_their_memory_at_once(engine, monkeypatch):
+    # release_kv (before a retry after out of memory) and the eviction of old shapes must free the KV cache
+    # and CUDA graphs at once: a batch's decode step closes over the batch, a cycle only a gc pass would free.
+    budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=1 << 14)
+    budgeted.generate_images(PROMPTS[:1], images_per_prompt=2)
+    budgeted.understand([np.zeros((64, 64, 3), np.uint8)], max_new_tokens=3)
+    gc.disable()  # what frees the batches must be their reference counts
+    try:
+        batches = [weakref.ref(b) for b in budgeted.static_batches.values()]
+        caches = [weakref.ref(b.cache.keys[0]) for b in budgeted.static_batches.values()]
+        budgeted.release_kv()
+        assert len(batches) == 2 and all(r() is None for r in batches + caches)
+
+        monkeypatch.setattr(engine_module, "MAX_BATCH_SHAPES", 1)
+        budgeted.generate_images(PROMPTS[:1], images_per_prompt=1)
+        first = weakref.ref(next(iter(budgeted.static_batches.values())))
+        budgeted.generate_images(PROMPTS[:1], images_per_prompt=2)  # another shape evicts the first
+        assert first() is None
+    finally:
+        gc.enable()
 
 
 def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeypatch):

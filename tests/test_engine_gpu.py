@@ -74,7 +74,7 @@ def test_bf16_tokens_differ_from_the_reference_loop_only_by_attention_rounding(m
     # one prompt's 576 greedy tokens in bf16 are the reference loop's, every one (eager: the stand-in syncs).
     model, processor = build_tiny_model(384)
     model = model.to("cuda", torch.bfloat16)
-    engine = JanusEngine(model, processor, cuda_graphs=False)
+    engine = JanusEngine(model, processor, cuda_graphs=False, kv_cache_tokens=1 << 16)
     ids = [engine.encode(generation_prompt(PROMPTS[1]))]
     want = reference_generate(model, ids[0], engine.pad_id, 1, 5.0, greedy=True)[0]
     monkeypatch.setattr(decoder, "F", SimpleNamespace(scaled_dot_product_attention=reference_attention))

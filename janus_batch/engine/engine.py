@@ -308,6 +308,10 @@ class JanusEngine:
     def release_kv(self) -> None:
         """Free the KV store and everything pointing into it (static batches and their CUDA graphs)."""
         self.kv = None
+        for batch in self.static_batches.values():
+            # A batch's decode step closes over the batch: without this cycle the memory goes now, not whenever
+            # Python's garbage collector next runs (the retry after out of memory needs it now).
+            batch.run_step = None
         self.static_batches.clear()
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
@@ -324,7 +328,7 @@ class JanusEngine:
         batch = self.static_batches.pop(key, None)
         if batch is None:
             if len(self.static_batches) >= MAX_BATCH_SHAPES:
-                del self.static_batches[next(iter(self.static_batches))]
+                self.static_batches.pop(next(iter(self.static_batches))).run_step = None  # see release_kv
             device, long = self.device, torch.long
             batch = StaticBatch(
                 cache=self.kv.cache(cache_rows),
