@@ -13,9 +13,8 @@ import pytest
 import torch
 from PIL import Image
 from scipy.stats import chi2_contingency, chisquare
-from transformers import JanusForConditionalGeneration
 
-from benchmarks.bench import janus_pro_config
+from benchmarks.bench import build_model
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt, understanding_prompt
@@ -385,11 +384,7 @@ def test_kv_cache_plan_for_janus_pro_on_an_80_gb_gpu(monkeypatch, size, images, 
     # The planner's arithmetic on the real configs (weights on the meta device: no memory), with the CUDA memory
     # queries answering as an 80 GB card holding the bf16 weights would. The batch sizes are the predictions
     # in benchmarks/RESULTS.md.
-    _, processor = build_tiny_model(64)
-    config = janus_pro_config(size)
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image_placeholder>")
-    with torch.device("meta"):
-        model = JanusForConditionalGeneration(config).to(torch.bfloat16)
+    model, processor = build_model(size, torch.device("meta"), torch.bfloat16)
     engine = JanusEngine(model, processor)
     weights = sum(p.numel() * p.element_size() for p in model.parameters())
     total = 80 * 2**30
