@@ -329,7 +329,8 @@ def main(argv: list[str] | None = None) -> None:
     caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
     image_batch = engine.batch_limit(2, prompt_len + engine.num_gen_tokens)
     caption_batch = engine.batch_limit(1, caption_len + new_tokens)
-    prompts = args.prompts or (2 if args.quick else -(-2 * image_batch // images_per_prompt))
+    # Two full batches at most: one image more would split the run into three smaller batches.
+    prompts = args.prompts or (2 if args.quick else max(1, 2 * image_batch // images_per_prompt))
     captions = args.captions or (4 if args.quick else 2 * caption_batch)
     # transformers' best batches on an H100 (../shared/DESIGN.md section 3): 64 images/call for 7B, 128 for 1B.
     hf_rows = args.hf_rows or {"7b": 64, "1b": 128}.get(args.model, images_per_prompt)
