@@ -14,7 +14,7 @@ import torch
 from PIL import Image
 from scipy.stats import chi2_contingency, chisquare
 
-from benchmarks.bench import build_model
+from benchmarks.bench import build_model, weight_bytes
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt, understanding_prompt
@@ -386,7 +386,7 @@ def test_kv_cache_plan_for_janus_pro_on_an_80_gb_gpu(monkeypatch, size, images, 
     # in benchmarks/RESULTS.md.
     model, processor = build_model(size, torch.device("meta"), torch.bfloat16)
     engine = JanusEngine(model, processor)
-    weights = sum(p.numel() * p.element_size() for p in model.parameters())
+    weights = weight_bytes(model)
     total = 80 * 2**30
     monkeypatch.setattr(torch.cuda, "mem_get_info", lambda device: (total - weights - 2**29, total))
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: weights)

@@ -309,7 +309,7 @@ class JanusEngine:
         """Free the KV store and everything pointing into it (static batches and their CUDA graphs)."""
         self.kv = None
         for batch in self.static_batches.values():
-            # A batch's decode step closes over the batch: without this cycle the memory goes now, not whenever
+            # A batch's decode step closes over the batch: breaking that cycle frees the memory now, not whenever
             # Python's garbage collector next runs (the retry after out of memory needs it now).
             batch.run_step = None
         self.static_batches.clear()
