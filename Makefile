@@ -15,9 +15,10 @@ setup: .venv/.installed
 run: setup
 	.venv/bin/python pipelines/synthesize.py
 
-# ruff, the whole suite, then the model and engine tests again on transformers 5.17 (our GPU machines' release).
+# ruff, the whole suite, then the model, engine and benchmark tests again on transformers 5.17 (our GPU machines'
+# release).
 ENGINE_TESTS = tests/test_tiny.py tests/test_loading.py tests/test_images.py tests/test_engine_generation.py \
-	tests/test_engine_understanding.py
+	tests/test_engine_understanding.py tests/test_benchmarks.py
 test: setup .venv-compat/.installed
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
