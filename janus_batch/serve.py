@@ -19,12 +19,11 @@ request can get wrong is checked before it joins a batch, so a bad request never
 
 import asyncio
 import base64
-import binascii
 import io
 import itertools
 import uuid
 from collections import Counter
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from typing import Annotated, Any, Literal
 
@@ -109,7 +108,8 @@ Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
 
 
 class StrictBody(BaseModel):
-    model_config = ConfigDict(extra="forbid")  # a misspelt option is an error, not silently ignored
+    # A misspelt option is an error, not silently ignored; so is NaN or Infinity (JSON parsers accept both).
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
 class UnderstandOptions(StrictBody):
@@ -196,29 +196,49 @@ class UnderstandJob:
     questions: list[str | None]  # None: caption with `options[0]` (the instruction)
     options: tuple  # engine options; only jobs with equal options share an engine call
 
+    @property
+    def outputs(self) -> int:
+        return len(self.pixels)
+
 
 @dataclass
 class GenerateJob:
     prompts: list[str]
-    options: tuple
+    options: tuple  # options[0] is images_per_prompt
+
+    @property
+    def outputs(self) -> int:
+        return len(self.prompts) * self.options[0]
 
 
 @dataclass
 class Batched:
     outputs: list  # this job's share of the engine call's outputs
     batch_size: int
+    error: Exception | None = None  # the engine call of this job's group failed (other groups' results stand)
 
 
-def groups_by_options(jobs: list) -> dict[tuple, list[int]]:
+async def run_by_options(
+    jobs: list[UnderstandJob] | list[GenerateJob], call: Callable[[tuple, list], Awaitable[list]]
+) -> list[Batched]:
+    """One engine call, `call(options, group)`, per set of options among `jobs` (the engine takes one set per
+    call); each job gets its share of the outputs. A call that fails fails its own group's jobs only."""
     groups: dict[tuple, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.options, []).append(i)
-    return groups
-
-
-def split(outputs: list, sizes: list[int]) -> list[list]:
-    starts = list(itertools.accumulate(sizes, initial=0))
-    return [outputs[a:b] for a, b in itertools.pairwise(starts)]
+    results: list[Batched | None] = [None] * len(jobs)
+    for options, members in groups.items():
+        group = [jobs[i] for i in members]
+        try:
+            outputs = await call(options, group)
+        except Exception as e:
+            for i in members:
+                results[i] = Batched([], len(group), e)
+            continue
+        starts = itertools.accumulate((job.outputs for job in group), initial=0)
+        for i, (start, end) in zip(members, itertools.pairwise(starts), strict=True):
+            results[i] = Batched(outputs[start:end], len(group))
+    return results
 
 
 def png_bytes(pixels: np.ndarray) -> bytes:
@@ -248,16 +268,21 @@ class JanusServer:
         # Understanding and generation batches are queued separately but share the model: one engine call at
         # a time, run in a thread so the event loop keeps accepting (and batching) requests meanwhile.
         self.engine_lock = asyncio.Lock()
+        # Image requests are read and decoded a few at a time: one body may be hundreds of MB of base64
+        # (max_images_per_request x max_image_bytes), and max_ongoing_requests of them could exhaust the replica.
+        self.intake = asyncio.Semaphore(max(1, int(args.num_cpus)))
         self.max_body_bytes = args.max_images_per_request * 4 * -(-args.max_image_bytes // 3) + BODY_SLACK_BYTES
         self.stats: Counter[str] = Counter()
         for batch_method in (self.understand_batch, self.generate_batch):
             batch_method.set_max_batch_size(args.max_batch_size)
             batch_method.set_batch_wait_timeout_s(args.batch_wait_timeout_s)
 
-    def check_health(self) -> None:
-        """Called by Serve every few seconds (and by /healthz); raising marks the replica unhealthy."""
-        if self.engine.device.type == "cuda":
-            torch.cuda.synchronize(self.engine.device)  # a broken CUDA context raises here
+    async def check_health(self) -> None:
+        """Called by Serve every few seconds (and by /healthz); raising marks the replica unhealthy. A broken CUDA
+        context raises at a synchronise; while an engine call runs, its own error says so instead: a synchronise
+        then would stall this event loop for the whole queued decode, and could meet a CUDA graph capture."""
+        if self.engine.device.type == "cuda" and not self.engine_lock.locked():
+            torch.cuda.synchronize(self.engine.device)  # idle: returns at once
 
     # ---- batched engine calls -------------------------------------------------------------------------
 
@@ -269,11 +294,9 @@ class JanusServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # both reset from ServeArgs in __init__
     async def understand_batch(self, jobs: list[UnderstandJob]) -> list[Batched]:
-        results: list[Batched | None] = [None] * len(jobs)
-        for options, members in groups_by_options(jobs).items():
-            group = [jobs[i] for i in members]
+        async def call(options: tuple, group: list[UnderstandJob]) -> list:
             instruction, max_new_tokens, greedy, temperature, seed = options
-            outputs = await self.run_engine(
+            return await self.run_engine(
                 "understand",
                 self.engine.understand,
                 [p for job in group for p in job.pixels],
@@ -286,19 +309,16 @@ class JanusServer:
                 # Keyed on the row's index in its own request, so sampled text does not depend on the batch.
                 row_ids=[i for job in group for i in range(len(job.pixels))],
             )
-            for i, share in zip(members, split(outputs, [len(job.pixels) for job in group]), strict=True):
-                results[i] = Batched(share, len(group))
+
         self.stats["understand_requests"] += len(jobs)
-        return results
+        return await run_by_options(jobs, call)
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def generate_batch(self, jobs: list[GenerateJob]) -> list[Batched]:
-        results: list[Batched | None] = [None] * len(jobs)
-        for options, members in groups_by_options(jobs).items():
-            group = [jobs[i] for i in members]
+        async def call(options: tuple, group: list[GenerateJob]) -> list:
             images_per_prompt, cfg_weight, temperature, top_k, top_p, seed, greedy = options
             # Prompt ids default to the prompt text: an image depends on (prompt, seed, index), never the batch.
-            outputs = await self.run_engine(
+            return await self.run_engine(
                 "generate",
                 self.engine.generate_images,
                 [p for job in group for p in job.prompts],
@@ -310,11 +330,9 @@ class JanusServer:
                 seed=seed,
                 greedy=greedy,
             )
-            sizes = [len(job.prompts) * images_per_prompt for job in group]
-            for i, share in zip(members, split(outputs, sizes), strict=True):
-                results[i] = Batched(share, len(group))
+
         self.stats["generate_requests"] += len(jobs)
-        return results
+        return await run_by_options(jobs, call)
 
     # ---- request checks (all before batching) ---------------------------------------------------------
 
@@ -340,7 +358,7 @@ class JanusServer:
         for i, b64 in enumerate(images):
             try:
                 data = base64.b64decode(b64, validate=True)
-            except binascii.Error as e:
+            except ValueError as e:  # binascii.Error, or a non-ASCII character
                 raise HTTPException(422, f"images[{i}]: invalid base64 ({e})") from None
             if len(data) > self.args.max_image_bytes:
                 raise HTTPException(
@@ -371,29 +389,38 @@ class JanusServer:
         self.check_limit("max_new_tokens", request.max_new_tokens, self.args.max_new_tokens)
         return request.max_new_tokens
 
-    async def understand(
-        self, request: UnderstandOptions, questions: list[str | None], instruction: str, max_new_tokens: int
-    ) -> UnderstandResponse:
-        pixels = await asyncio.to_thread(self.load_images, request.images)  # decoding is CPU work
-        options = (instruction, max_new_tokens, request.greedy, request.temperature, request.seed)
-        done: Batched = await self.understand_batch(UnderstandJob(pixels, questions, options))
+    async def understanding_job(self, http: Request, body: type[CaptionRequest] | type[VQARequest]) -> UnderstandJob:
+        """Read and check a caption or VQA request and decode its images, under the intake limit. The job holds
+        the preprocessed images only (0.44 MB each at 384 px): the base64 never waits in the batch queue."""
+        async with self.intake:
+            request = parse_body(body, await self.read_body(http))
+            max_new_tokens = self.new_tokens(request)
+            if isinstance(request, VQARequest):
+                questions, instruction = list(request.questions), DEFAULT_CAPTION_INSTRUCTION
+                for i, question in enumerate(questions):
+                    self.check_question(f"questions[{i}]", question, max_new_tokens)
+            else:
+                questions, instruction = [None] * len(request.images), request.instruction
+                self.check_question("instruction", instruction, max_new_tokens)
+            pixels = await asyncio.to_thread(self.load_images, request.images)  # decoding is CPU work
+        return UnderstandJob(
+            pixels, questions, (instruction, max_new_tokens, request.greedy, request.temperature, request.seed)
+        )
+
+    async def understand(self, job: UnderstandJob) -> UnderstandResponse:
+        done: Batched = await self.understand_batch(job)
+        if done.error is not None:
+            raise done.error
         results = [TextOut(text=r.text, num_tokens=r.num_tokens, finish_reason=r.finish_reason) for r in done.outputs]
         return UnderstandResponse(model=self.engine.model_id, batch_size=done.batch_size, results=results)
 
     @api.post("/v1/caption")
     async def caption(self, http: Request) -> UnderstandResponse:
-        request: CaptionRequest = parse_body(CaptionRequest, await self.read_body(http))
-        max_new_tokens = self.new_tokens(request)
-        self.check_question("instruction", request.instruction, max_new_tokens)
-        return await self.understand(request, [None] * len(request.images), request.instruction, max_new_tokens)
+        return await self.understand(await self.understanding_job(http, CaptionRequest))
 
     @api.post("/v1/vqa")
     async def vqa(self, http: Request) -> UnderstandResponse:
-        request: VQARequest = parse_body(VQARequest, await self.read_body(http))
-        max_new_tokens = self.new_tokens(request)
-        for i, question in enumerate(request.questions):
-            self.check_question(f"questions[{i}]", question, max_new_tokens)
-        return await self.understand(request, list(request.questions), DEFAULT_CAPTION_INSTRUCTION, max_new_tokens)
+        return await self.understand(await self.understanding_job(http, VQARequest))
 
     @api.post("/v1/generate")
     async def generate(self, http: Request) -> GenerateResponse:
@@ -415,6 +442,8 @@ class JanusServer:
             request.greedy,
         )
         done: Batched = await self.generate_batch(GenerateJob(request.prompts, options))
+        if done.error is not None:
+            raise done.error
         images = await asyncio.to_thread(
             self.deliver_images, done.outputs, request.images_per_prompt, request.output_uri
         )
@@ -445,7 +474,7 @@ class JanusServer:
 
     @api.get("/healthz")
     async def healthz(self) -> dict[str, str]:
-        self.check_health()
+        await self.check_health()
         return {"status": "ok"}
 
     @api.get("/v1/models")

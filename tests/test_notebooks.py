@@ -37,7 +37,7 @@ def test_quickstart_runs(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs)
     assert text.count("caption (") == 3 and text.count("answer: ") == 3
     assert "16 images of (64, 64, 3)" in text
-    assert "image 5 reproduced exactly" in text
+    assert "image 5 regenerated: 100.0% of its tokens equal" in text and "image 5 reproduced exactly" in text
     grids = [o for o in outputs if "image/png" in o.get("data", {})]
     assert len(grids) == 1  # the 4x4 grid is shown as a picture
 

@@ -1,6 +1,7 @@
 """The Ray Serve app over real HTTP on localhost, with the tiny model on CPU: captions, VQA, generation (inline
 PNGs, a local folder, S3 on a moto server), concurrent requests batched into one engine call, bad requests."""
 
+import asyncio
 import base64
 import io
 import socket
@@ -19,7 +20,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from janus_batch.serve import ServeArgs, build_app
+from janus_batch.serve import GenerateJob, ServeArgs, build_app, run_by_options
 
 BATCH = 4  # max_batch_size of the test deployment
 BUCKET = "serve-out"
@@ -207,6 +208,7 @@ BAD_REQUESTS = [
     ("/v1/caption", {"images": [b64_image(Image.new("L", (1001, 1000)))]}, 422, "exceeds the limit of 1000000"),
     ("/v1/caption", {"images": [base64.b64encode(b"not an image").decode()]}, 422, "images[0]: not a decodable"),
     ("/v1/caption", {"images": IMAGES[:1] + ["%%%"]}, 422, "images[1]: invalid base64"),
+    ("/v1/caption", {"images": ["ééé"]}, 422, "images[0]: invalid base64"),
     ("/v1/caption", {"images": IMAGES[:1], "max_new_tokens": 17}, 422, "max_new_tokens is 17, over this server's"),
     ("/v1/caption", {"images": IMAGES[:1], "instruction": LONG_TEXT}, 422, "instruction: question too long"),
     ("/v1/vqa", {"images": IMAGES[:1], "questions": ["a", "b"]}, 422, "1 images but 2 questions"),
@@ -219,6 +221,8 @@ BAD_REQUESTS = [
     ("/v1/generate", {"prompts": ["a"] * 4}, 422, "number of prompts is 4, over this server's limit of 3"),
     ("/v1/generate", {"prompts": ["a"], "images_per_prompt": 5}, 422, "images_per_prompt is 5, over this server's"),
     ("/v1/generate", {"prompts": ["a"], "images_per_prompt": 0}, 422, "greater than or equal to 1"),
+    ("/v1/generate", b'{"prompts": ["a"], "cfg_weight": NaN}', 422, "Input should be a finite number"),
+    ("/v1/generate", b'{"prompts": ["a"], "temperature": Infinity}', 422, "Input should be a finite number"),
     ("/v1/generate", {"prompts": ["a"], "output_uri": "/etc/janus"}, 403, "not under an allowed prefix"),
     ("/v1/generate", {"prompts": ["a"], "output_uri": f"s3://{BUCKET}/elsewhere"}, 403, "not under an allowed"),
     ("/v1/generate", {"prompts": ["a"], "output_uri": f"s3://{BUCKET}/allowed/../x"}, 422, "must not contain '..'"),
@@ -250,3 +254,25 @@ def test_config_file_and_import_paths():
     assert isinstance(app, Application)
     with pytest.raises(ValueError, match="min_replicas"):
         ServeArgs(min_replicas=3, max_replicas=2)
+
+
+def test_an_engine_call_that_fails_fails_only_its_own_requests():
+    """Jobs of one batch with other options run as separate engine calls: one of them failing leaves the others'
+    results, each job its own share of its call's outputs."""
+    seen = []
+
+    async def call(options: tuple, group: list[GenerateJob]) -> list:
+        seen.append(options[5])
+        if options[5] == 4:
+            raise RuntimeError("CUDA error: an illegal memory access was encountered")
+        return [(prompt, i) for job in group for prompt in job.prompts for i in range(options[0])]
+
+    def job(prompts: list[str], seed: int) -> GenerateJob:
+        return GenerateJob(prompts, (2, 5.0, 1.0, None, None, seed, False))
+
+    jobs = [job(["fox"], 3), job(["cat"], 4), job(["dog", "owl"], 3)]
+    fox, cat, dog_owl = asyncio.run(run_by_options(jobs, call))
+    assert seen == [3, 4]  # one call per set of options
+    assert (fox.outputs, fox.batch_size, fox.error) == ([("fox", 0), ("fox", 1)], 2, None)
+    assert dog_owl.outputs == [("dog", 0), ("dog", 1), ("owl", 0), ("owl", 1)] and dog_owl.error is None
+    assert cat.outputs == [] and cat.batch_size == 1 and "illegal memory access" in str(cat.error)
