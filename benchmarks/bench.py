@@ -18,7 +18,7 @@ import argparse
 import json
 import platform
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from dataclasses import asdict, dataclass
 from functools import partial
 from typing import TypeVar
@@ -184,24 +184,25 @@ def caption_roofline(engine: JanusEngine, rows: int, prompt_len: int, new_tokens
     return rows / (new_tokens * (weights + kv) / bandwidth)
 
 
-def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device) -> list[Row]:
+def bench_generate(
+    engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device
+) -> Iterator[Row | None]:
+    """The synthesis rows, each yielded as soon as it is measured (None: that implementation failed)."""
     model, n = engine.model, engine.num_gen_tokens
     ids = engine.encode(generation_prompt(PROMPT))
     engine.release_kv()  # the engine's KV cache takes most of the GPU
     impl = f"{BASELINES['generate']}, {images_per_prompt}/call"
-    rows = [
-        attempt(
-            impl,
-            timed,
-            "generate",
-            impl,
-            images_per_prompt,
-            n,
-            device,
-            lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
-            False,  # no warm-up: launch-bound for a minute on a GPU, a warm-up would change nothing but the wait
-        )
-    ]
+    yield attempt(
+        impl,
+        timed,
+        "generate",
+        impl,
+        images_per_prompt,
+        n,
+        device,
+        lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
+        False,  # no warm-up: launch-bound for a minute on a GPU, a warm-up would change nothing but the wait
+    )
     input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
 
     def hf_generate():
@@ -222,15 +223,15 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
         engine.decode_image_tokens(torch.zeros((hf_rows, n), dtype=torch.long))  # same VQ work as the others
 
     impl = f"transformers generate, {hf_rows}/call"
-    rows.append(attempt(impl, timed, "generate", impl, hf_rows, n, device, hf_generate))
+    yield attempt(impl, timed, "generate", impl, hf_rows, n, device, hf_generate)
     batch = [PROMPT + f" #{i}" for i in range(prompts)]
-    per_batch = engine.batch_size(prompts * images_per_prompt, 2, len(ids) + n)
+    images = prompts * images_per_prompt
+    per_batch = engine.batch_size(images, 2, len(ids) + n)
     for mode, graphs in engine_modes(engine):
         engine.cuda_graphs = graphs
         impl = f"janus-batch engine, {mode}, {per_batch}/batch"
         run = partial(engine.generate_images, batch, images_per_prompt=images_per_prompt)
-        rows.append(attempt(impl, timed, "generate", impl, prompts * images_per_prompt, n, device, run))
-    return [r for r in rows if r is not None]
+        yield attempt(impl, timed, "generate", impl, images, n * -(-images // per_batch), device, run)
 
 
 def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
@@ -270,7 +271,8 @@ def describe_agreement(name: str, result: dict | None) -> str:
     return f"{name} {100 * result['share']:.2f}% (first difference at step: {steps})"
 
 
-def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int, device) -> list[Row]:
+def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int, device) -> Iterator[Row | None]:
+    """The captioning rows, each yielded as soon as it is measured (None: that implementation failed)."""
     model = engine.model
     rng = np.random.default_rng(0)
     pil = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(images)]
@@ -297,20 +299,23 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
 
     one = min(images, 4)
     impl = BASELINES["caption"]
-    rows = [attempt(impl, timed, "caption", impl, one, new_tokens * one, device, hf_caption(1, one))]
+    yield attempt(impl, timed, "caption", impl, one, new_tokens * one, device, hf_caption(1, one))
     impl = f"transformers generate, {hf_rows}/call"
     steps = new_tokens * -(-images // hf_rows)
-    rows.append(attempt(impl, timed, "caption", impl, images, steps, device, hf_caption(hf_rows, images)))
+    yield attempt(impl, timed, "caption", impl, images, steps, device, hf_caption(hf_rows, images))
     eos = engine.eos_id
     engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
     per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
-    for mode, graphs in engine_modes(engine):
-        engine.cuda_graphs = graphs
-        impl = f"janus-batch engine, {mode}, {per_batch}/batch"
-        run = partial(engine.understand, list(pixels), [QUESTION] * images, max_new_tokens=new_tokens)
-        rows.append(attempt(impl, timed, "caption", impl, images, new_tokens, device, run))
-    engine.eos_id = eos
-    return [r for r in rows if r is not None]
+    try:
+        for mode, graphs in engine_modes(engine):
+            engine.cuda_graphs = graphs
+            impl = f"janus-batch engine, {mode}, {per_batch}/batch"
+            run = partial(engine.understand, list(pixels), [QUESTION] * images, max_new_tokens=new_tokens)
+            steps = new_tokens * -(-images // per_batch)
+            yield attempt(impl, timed, "caption", impl, images, steps, device, run)
+    finally:
+        engine.eos_id = eos
+        engine.release_kv()  # its CUDA graphs were captured with no EOS
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -353,33 +358,46 @@ def main(argv: list[str] | None = None) -> None:
         gib = kv * decoder.bytes_per_slot(engine.lm, dtype) / 2**30
         print(f"KV cache {kv} slots ({gib:.1f} GiB): up to {image_batch} images or {caption_batch} captions a batch")
 
-    results: list[tuple[Row, float]] = []
     agreement = {}
-    prompt_len = len(engine.encode(generation_prompt(PROMPT)))
+    tasks = []  # (rows as they are measured, roofline); generators: nothing runs until the table is printed
     if args.task in ("generate", "all"):
         agreement = attempt("greedy agreement", greedy_agreement, engine, [PROMPT, "a red fox"]) or {}
         print("greedy image tokens equal to the reference loop's (1/call):")
         for name, result in agreement.items():
             print(f"  {describe_agreement(name, result)}")
         roof = generation_roofline(engine, image_batch, prompt_len, bandwidth)
-        results += [(r, roof) for r in bench_generate(engine, prompts, images_per_prompt, hf_rows, device)]
+        tasks.append((bench_generate(engine, prompts, images_per_prompt, hf_rows, device), roof))
     if args.task in ("caption", "all"):
         roof = caption_roofline(engine, caption_batch, caption_len, new_tokens, bandwidth)
-        results += [(r, roof) for r in bench_caption(engine, captions, min(hf_rows, captions), new_tokens, device)]
+        tasks.append((bench_caption(engine, captions, min(hf_rows, captions), new_tokens, device), roof))
 
+    # Each row is printed (and the JSON rewritten) as soon as it is measured: a run cut short keeps what it has.
     print(f"{'task':9} {'implementation':42} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'x ref':>7} {'% roof':>7}")
-    reference = {row.task: row.per_second for row, _ in results if row.impl.startswith(BASELINES[row.task])}
-    for row, roof in results:
-        ratio = f"{row.per_second / reference[row.task]:7.1f}" if row.task in reference else "      -"
-        print(
-            f"{row.task:9} {row.impl:42} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
-            f"{ratio} {100 * row.per_second / roof:6.1f}%"
-        )
+    results: list[tuple[Row, float]] = []
+    reference: dict[str, float] = {}
+
+    def write_json() -> None:
+        if args.json:
+            rows_out = [asdict(r) | {"per_second": r.per_second, "roofline": ro} for r, ro in results]
+            with open(args.json, "w") as f:
+                json.dump({"rows": rows_out, "greedy_token_agreement": agreement}, f, indent=1)
+
+    write_json()
+    for rows, roof in tasks:
+        for row in rows:
+            if row is None:
+                continue
+            if row.impl.startswith(BASELINES[row.task]):
+                reference[row.task] = row.per_second
+            ratio = f"{row.per_second / reference[row.task]:7.1f}" if row.task in reference else "      -"
+            print(
+                f"{row.task:9} {row.impl:42} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
+                f"{ratio} {100 * row.per_second / roof:6.1f}%",
+                flush=True,
+            )
+            results.append((row, roof))
+            write_json()
     print("rooflines (items/s): " + ", ".join(sorted({f"{r.task} {roof:.1f}" for r, roof in results})))
-    if args.json:
-        rows = [asdict(r) | {"per_second": r.per_second, "roofline": roof} for r, roof in results]
-        with open(args.json, "w") as f:
-            json.dump({"rows": rows, "greedy_token_agreement": agreement}, f, indent=1)
 
 
 if __name__ == "__main__":

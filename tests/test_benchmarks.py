@@ -15,7 +15,8 @@ ROOT = Path(__file__).resolve().parents[1]
 def test_benchmark_smoke_run(tmp_path):
     out = tmp_path / "rows.json"
     subprocess.run(
-        [sys.executable, "-m", "benchmarks.bench", "--model", "tiny", "--quick", "--json", str(out)],
+        # 8 images at 4 a batch: the engine's synthesis rows run two batches.
+        [sys.executable, "-m", "benchmarks.bench", "--model", "tiny", "--quick", "--rows", "4", "--json", str(out)],
         cwd=ROOT,
         check=True,
         timeout=300,
@@ -31,6 +32,9 @@ def test_benchmark_smoke_run(tmp_path):
         ("caption", "janus-batch engine"),
     }
     assert all(r["per_second"] > 0 and r["roofline"] > 0 for r in rows)
+    # ms/step divides by every decode step timed: 16 tokens an image (64 px), in each of the two batches.
+    (engine,) = [r for r in rows if r["task"] == "generate" and r["impl"].startswith("janus-batch engine")]
+    assert engine["impl"].endswith("4/batch") and engine["steps"] == 2 * 16
     # In float32 on the CPU the engine's greedy tokens are the reference loop's, every one (no CUDA graphs here),
     # and the reference loop's do not depend on its batch.
     assert result["greedy_token_agreement"] == {

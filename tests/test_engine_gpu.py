@@ -58,6 +58,16 @@ def test_cuda_graphs_make_the_eager_tokens_and_replay_for_later_batches(engine, 
     assert graph_count(engine) == captured
 
 
+def test_graphs_are_captured_anew_after_the_kv_cache_is_released(engine):
+    # As after an out-of-memory retry, or the bench's release before its reference rows: every graph goes, and the
+    # next capture needs a new pool (PyTorch asserts when capturing into the id of a pool no graph uses).
+    first = run_images(engine, True, PROMPTS, temperature=0.0)
+    engine.release_kv()
+    assert engine.graph_pool is None and graph_count(engine) == 0
+    np.testing.assert_array_equal(run_images(engine, True, PROMPTS, temperature=0.0), first)
+    assert graph_count(engine) >= 9
+
+
 def test_understanding_with_cuda_graphs_matches_eager(engine):
     rng = np.random.default_rng(0)
     images = [Image.fromarray(rng.integers(0, 256, (90, 120, 3), dtype=np.uint8)) for _ in range(3)]

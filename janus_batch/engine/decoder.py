@@ -79,8 +79,9 @@ def kv_read_len(last_slot: int, max_len: int) -> int:
 
 class CudaGraphs:
     """Runs `step(kv_len)` as CUDA graphs: one per KV bucket, captured the first time that bucket is met and
-    replayed after. That first call runs eagerly (it is the warm-up, on a side stream) and does the real work;
-    the capture only records.
+    replayed after. That first call runs eagerly (it is the warm-up) and does the real work; the capture only
+    records. Both run on one side stream, so what a stream needs once (cuBLAS's workspace) is allocated at the
+    warm-up, outside the graphs' pool.
 
     `step` must read and write only tensors that outlive the graphs (inputs, outputs, the KV cache) and must not
     synchronise with the host; its shapes may depend on kv_len alone. So every tensor it makes in the graph
@@ -91,21 +92,21 @@ class CudaGraphs:
         self.step = step
         self.pool = pool
         self.graphs: dict[int, torch.cuda.CUDAGraph] = {}
-        self.warm_up_stream = torch.cuda.Stream()
+        self.stream = torch.cuda.Stream()
 
     def __call__(self, kv_len: int) -> None:
         graph = self.graphs.get(kv_len)
         if graph is not None:
             graph.replay()
             return
-        stream = self.warm_up_stream
+        stream = self.stream
         stream.wait_stream(torch.cuda.current_stream())
         with torch.cuda.stream(stream):
             self.step(kv_len)
         torch.cuda.current_stream().wait_stream(stream)
         graph = torch.cuda.CUDAGraph()
         # thread_local: other threads of the process (a Serve health check, say) may use CUDA meanwhile.
-        with torch.cuda.graph(graph, pool=self.pool, capture_error_mode="thread_local"):
+        with torch.cuda.graph(graph, pool=self.pool, stream=stream, capture_error_mode="thread_local"):
             self.step(kv_len)
         self.graphs[kv_len] = graph
 

@@ -3,7 +3,9 @@
 Pure PyTorch, no Ray: used by the Ray actors, the Serve replicas, notebooks and benchmarks alike.
 Prompts are formatted and the CFG rows built exactly as in DeepSeek's reference code; many prompts of
 different lengths share one batch (left padding, per-row positions and masks); every sampled token comes
-from counter-based noise keyed on (seed, prompt id, image index, step), so results never depend on batching.
+from counter-based noise keyed on (seed, prompt id, image index, step), so the random numbers never depend on
+batching (nor, on CPU in float32, do the results; in bf16 on a GPU, kernels picked per batch shape may round
+differently).
 """
 
 from __future__ import annotations
@@ -163,7 +165,7 @@ class JanusEngine:
         # Kept across batches (see StaticBatch); all dropped together when the KV store is reallocated.
         self.kv: decoder.KVStore | None = None
         self.static_batches: dict[tuple, StaticBatch] = {}
-        self.graph_pool = None  # one memory pool for all CUDA graphs of this engine
+        self.graph_pool = None  # one memory pool shared by the CUDA graphs of the kept batches
         self.codes = {
             vocab: sampling.vocab_codes(vocab, self.device)
             for vocab in (config.vq_config.num_embeddings, config.text_config.vocab_size)
@@ -215,7 +217,7 @@ class JanusEngine:
     def in_batches(self, count: int, cache_rows: int, length: int, run: Callable[[int, int], list]) -> list:
         """`run(start, end)` over items [0, count) in equal batches as large as max_batch_rows and the KV cache
         allow, each item taking `cache_rows` rows of `length` slots. When the GPU runs out of memory, give back
-        part of the KV cache and retry the batch: results never depend on batching."""
+        part of the KV cache and retry the batch in smaller batches (the sampling noise does not depend on them)."""
         results: list = []
         start = 0
         while start < count:
@@ -308,13 +310,19 @@ class JanusEngine:
     def release_kv(self) -> None:
         """Free the KV store and everything pointing into it (static batches and their CUDA graphs)."""
         self.kv = None
-        for batch in self.static_batches.values():
-            # A batch's decode step closes over the batch: breaking that cycle frees the memory now, not whenever
-            # Python's garbage collector next runs (the retry after out of memory needs it now).
-            batch.run_step = None
-        self.static_batches.clear()
+        for key in list(self.static_batches):
+            self.drop_static_batch(key)
         if self.device.type == "cuda":
             torch.cuda.empty_cache()
+
+    def drop_static_batch(self, key: tuple) -> None:
+        # A batch's decode step closes over the batch: breaking that cycle frees the memory now, not whenever
+        # Python's garbage collector next runs (the retry after out of memory needs it now).
+        self.static_batches.pop(key).run_step = None
+        if not any(isinstance(b.run_step, decoder.CudaGraphs) for b in self.static_batches.values()):
+            # PyTorch's allocator forgets a graph pool once no graph uses it, and capturing into that pool's id
+            # again fails an internal assert: the next capture starts a new pool.
+            self.graph_pool = None
 
     def static_batch(self, key: tuple, rows: int, cache_rows: int, length: int, tokens: int) -> StaticBatch:
         """The kept tensors for batches of this shape, with a KV cache of `cache_rows` rows of at least
@@ -328,7 +336,7 @@ class JanusEngine:
         batch = self.static_batches.pop(key, None)
         if batch is None:
             if len(self.static_batches) >= MAX_BATCH_SHAPES:
-                self.static_batches.pop(next(iter(self.static_batches))).run_step = None  # see release_kv
+                self.drop_static_batch(next(iter(self.static_batches)))  # the least recently used
             device, long = self.device, torch.long
             batch = StaticBatch(
                 cache=self.kv.cache(cache_rows),
