@@ -53,6 +53,16 @@ def is_device_failure(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
 
 
+class StorageUnavailable(OSError):
+    """Reading an input failed in a way a retry may cure (network, throttling, an expired token): raised, so Ray
+    retries the task, and if it still fails the job stops with the row uncommitted, to be resumed. Never
+    committed as the row's error, which a rerun would keep."""
+
+
+def is_transient(e: BaseException) -> bool:
+    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError))
+
+
 def type_error(name: str, value: object, expected: str) -> str | None:
     if value is None:
         return f"{name} is null"
@@ -239,6 +249,8 @@ def prepare_images(
                 data = image_bytes(source, image_uri_column, storage, max_image_bytes)
                 array = preprocess_image(decode_image(data), image_size)
             except Exception as e:
+                if is_transient(e):
+                    raise StorageUnavailable(f"cannot read image {source!r} now: {e}") from e
                 error = describe(e)
         pixels.append(None if array is None else array.tobytes())
         errors.append(error)

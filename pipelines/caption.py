@@ -23,6 +23,8 @@ FLAGS = {
     "question_column": "input.question_column",
     "instruction": "instruction",
     "max_new_tokens": "max_new_tokens",
+    "greedy": "greedy",
+    "temperature": "temperature",
     "seed": "seed",
 }
 
@@ -41,7 +43,11 @@ def parser(task: str | None = None):
     p.add_argument("--question-column", help="VQA: the question per row")
     p.add_argument("--instruction", help="the caption prompt (default: Describe this image in detail.)")
     p.add_argument("--max-new-tokens", type=int, help="default: 128")
-    p.add_argument("--seed", type=int)
+    p.add_argument(
+        "--sample", dest="greedy", action="store_false", default=None, help="sample instead of greedy decoding"
+    )
+    p.add_argument("--temperature", type=float, help="with --sample (default: 1.0)")
+    p.add_argument("--seed", type=int, help="with --sample: keys each row's random numbers (default: 0)")
     return p
 
 

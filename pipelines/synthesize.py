@@ -39,7 +39,7 @@ def parser():
     p.add_argument("--top-k", type=int)
     p.add_argument("--top-p", type=float)
     p.add_argument("--seed", type=int, help="default: 0")
-    p.add_argument("--greedy", action="store_true", help="argmax instead of sampling")
+    p.add_argument("--greedy", action="store_true", default=None, help="argmax instead of sampling")
     return p
 
 

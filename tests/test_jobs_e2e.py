@@ -19,7 +19,7 @@ from PIL import Image
 
 from janus_batch.engine import JanusEngine
 from janus_batch.io.storage import fs_path
-from janus_batch.jobs import CaptionJob, SynthesizeJob, run
+from janus_batch.jobs import CaptionJob, SynthesizeJob, pipeline, run
 from tests.jobs_data import SMALL_RESOURCES, encoded, read_parquet_dir, sample_images, synth_spec, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -235,7 +235,7 @@ def test_seeds_reproducible_across_batch_sizes_and_actor_counts(ray_cluster, sto
         np.testing.assert_array_equal(decoded, image.pixels)
 
 
-def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path):
+def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, monkeypatch):
     prompts = pa.table(
         {
             "prompt_id": ["good1", "empty", "long", "null_prompt", None, "dup", "dup", "good2"],
@@ -261,6 +261,20 @@ def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path):
     good = {(r["prompt_id"], r["sample_index"]): r for r in rows if r["error"] is None}
     assert set(good) == {("good1", 0), ("good1", 1), ("good2", 0), ("good2", 1)}
     assert (summary["rows_written"], summary["errors"]) == (4 + 6, 6)
+
+    # Rerun: every input row is committed (an error row stands for its prompt's images), so nothing runs.
+    spec = synth_spec(source, str(tmp_path / "out"), storage, tiny_model_dir, run_id="b")
+    with monkeypatch.context() as m:
+        m.setattr(pipeline, "write_outputs", lambda *a: pytest.fail("a finished run was run again"))
+        again = run(SynthesizeJob.model_validate(spec))
+    assert (again["inputs_committed_before"], again["rows_committed_before"], again["rows_written"]) == (8, 10, 0)
+    # Resuming with settings that change the outputs would mix two kinds of rows: refused, naming the changes.
+    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3, seed 0 -> 5\): resume it with the spec in"):
+        run(SynthesizeJob.model_validate({**spec, "images_per_prompt": 3, "seed": 5}))
+    assert (
+        run(SynthesizeJob.model_validate({**spec, "resources": {**SMALL_RESOURCES, "batch_size": 3}}))["rows_written"]
+        == 0
+    )  # how it runs may change
 
     engine = JanusEngine.from_pretrained(str(tiny_model_dir))
     for image in engine.generate_images(["a fox", "a cat"], prompt_ids=["good1", "good2"], images_per_prompt=2):

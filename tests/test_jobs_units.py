@@ -3,10 +3,13 @@ on good and bad rows, and the checks that fail a bad job before any model is loa
 
 from __future__ import annotations
 
+import io
 import json
 import runpy
 import sys
-from datetime import datetime, timezone
+import tarfile
+from datetime import date, datetime, timezone
+from decimal import Decimal
 from pathlib import Path
 
 import numpy as np
@@ -15,12 +18,16 @@ import pytest
 import s3fs
 from PIL import Image
 from pydantic import ValidationError
+from ray.data.block import BlockAccessor
 
 from janus_batch import stages
 from janus_batch.engine import decode_image, preprocess_image
+from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
+from janus_batch.io.writers import WebDatasetWriter
 from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, ResourceSpec, SynthesizeJob, resolve_run_id
+from tests.conftest import free_port
 from tests.jobs_data import encoded, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -79,6 +86,11 @@ def test_caption_spec_modes():
     assert uri.input.image_column is None  # a URI column replaces the default bytes column
     folder = CaptionJob.model_validate({"input": {"path": "x", "format": "images"}})
     assert folder.input.id_column is None and folder.text_column == "caption"
+    # Both would otherwise fail only once the job runs, after its model actors have started.
+    with pytest.raises(ValidationError, match="task 'vqa' needs a question per row: use Parquet input"):
+        CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "format": "images", "question_column": "q"}})
+    with pytest.raises(ValidationError, match="output format 'files' writes images"):
+        CaptionJob.model_validate({"input": {"path": "x"}, "output": {"format": "files"}})
 
 
 def test_default_batch_size_fills_several_forward_batches():
@@ -127,6 +139,22 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
     run_id = json.loads(out[: out.index("plan (")])["run_id"]
     assert run_id in {f"daily-{t:%Y%m%d}" for t in (before, datetime.now(timezone.utc))}
     assert f"outputs/{run_id}/data" in out
+
+
+def test_cli_sampling_flags(monkeypatch, capsys):
+    def dry_run(script: str, args: list[str]) -> dict:
+        run_script(script, [*args, "--dry-run"], monkeypatch)
+        out = capsys.readouterr().out
+        return json.loads(out[: out.index("plan (")])
+
+    assert dry_run("caption.py", ["--input", "x"])["greedy"] is True
+    sampled = dry_run("caption.py", ["--input", "x", "--sample", "--temperature", "0.7", "--seed", "3"])
+    assert (sampled["greedy"], sampled["temperature"], sampled["seed"]) == (False, 0.7, 3)
+    assert dry_run("synthesize.py", [])["greedy"] is False and dry_run("synthesize.py", ["--greedy"])["greedy"]
+    monkeypatch.setattr(sys, "argv", ["caption.py", "--help"])
+    with pytest.raises(SystemExit):
+        runpy.run_path(str(REPO / "pipelines" / "caption.py"), run_name="__main__")
+    assert "(default: None)" not in capsys.readouterr().out  # help states real defaults only
 
 
 # ---- storage ---------------------------------------------------------------------------------------------
@@ -240,6 +268,18 @@ def test_prepare_images_from_uris_and_questions(tmp_path, storage):
     errors = out["error"].to_pylist()
     assert errors[0] is None and errors[1].startswith("no such file") and errors[2] == "empty question"
     assert errors[3] == "url is null"
+
+
+def test_an_unreachable_store_stops_the_task_instead_of_committing_errors(tmp_path):
+    # A store that is down (here: nothing listens on the port) may be up on a retry, or for the resumed job:
+    # the rows must not be committed with that as their error.
+    down = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", key="k", secret="s")
+    batch = pa.table({"url": ["s3://bucket/a.png"], "row_hash": pa.array([0], pa.uint64())})
+    with pytest.raises(stages.StorageUnavailable, match="cannot read image 's3://bucket/a.png' now"):
+        prepared_images(
+            batch, down, image_column=None, image_uri_column="url", id_column=None, question_column=None,
+            passthrough=["url"],
+        )  # fmt: skip
 
 
 # ---- model stages, called directly -------------------------------------------------------------------------
@@ -356,3 +396,35 @@ def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tin
         prepare(SynthesizeJob.model_validate(job))
     with pytest.raises(ValueError, match="has no image column 'image'"):
         prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
+
+
+def test_webdataset_json_holds_any_passthrough_id_column():
+    # Passed-through id columns may be of any Arrow type; a type json cannot write failed the write task.
+    table = pa.table(
+        {
+            "key": ["000000000"],
+            "caption": ["a cat"],
+            "day": pa.array([date(2026, 11, 25)], pa.date32()),
+            "blob": [b"\x00\xff"],
+            "amount": pa.array([Decimal("1.50")], pa.decimal128(5, 2)),
+            "created_at": pa.array([datetime(2026, 11, 25, 7, tzinfo=timezone.utc)], pa.timestamp("us", tz="UTC")),
+        }
+    )
+    sink = pa.BufferOutputStream()
+    WebDatasetWriter("unused", text_column="caption", image_format="png").write_block_to_file(
+        BlockAccessor.for_block(table), sink
+    )
+    with tarfile.open(fileobj=io.BytesIO(sink.getvalue().to_pybytes())) as tar:
+        assert tar.extractfile("000000000.txt").read() == b"a cat"
+        meta = json.loads(tar.extractfile("000000000.json").read())
+    assert meta["day"] == "2026-11-25" and meta["blob"] == "AP8=" and meta["amount"] == "1.50"
+    assert meta["created_at"] == "2026-11-25T07:00:00+00:00"
+
+
+def test_inputs_that_ray_would_reject_later_are_refused_up_front(tmp_path):
+    with pytest.raises(ValidationError, match="endpoint_url must start with http:// or https://"):
+        StorageConfig(endpoint_url="localhost:9000")
+    single = tmp_path / "prompts.pq"
+    single.write_bytes(b"")
+    with pytest.raises(ValueError, match="prompts.pq is not a parquet file"):
+        list_input_files(str(single), StorageConfig(), ["parquet"])

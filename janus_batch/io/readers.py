@@ -35,9 +35,15 @@ def list_input_files(path: str, storage: StorageConfig, extensions: list[str]) -
         raise OSError(f"cannot read input {path}: {e}") from None
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input path does not exist: {path}")
+
+    def wanted(file: str) -> bool:  # Ray Data's readers take only these extensions
+        return file.rsplit(".", 1)[-1].lower() in extensions
+
     if info.type == pafs.FileType.File:
+        if not wanted(info.path):
+            raise ValueError(f"input {path} is not a {'/'.join(extensions)} file (by its extension)")
         return [info.path]
-    files = [i.path for i in infos if i.type == pafs.FileType.File and i.path.rsplit(".", 1)[-1].lower() in extensions]
+    files = [i.path for i in infos if i.type == pafs.FileType.File and wanted(i.path)]
     if not files:
         raise FileNotFoundError(f"no {'/'.join(extensions)} files under {path}")
     return sorted(files)

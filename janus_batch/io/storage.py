@@ -11,7 +11,7 @@ from __future__ import annotations
 from urllib.parse import urlparse
 
 import pyarrow.fs as pafs
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 
 def is_s3(path: str) -> bool:
@@ -33,6 +33,13 @@ class StorageConfig(BaseModel):
     secret: str | None = Field(None, description="secret access key")
     token: str | None = Field(None, description="session token, for temporary credentials")
     profile: str | None = Field(None, description="named profile from ~/.aws (resolved on the driver)")
+
+    @field_validator("endpoint_url")
+    @classmethod
+    def check_endpoint(cls, url: str | None) -> str | None:
+        if url is not None and urlparse(url).scheme not in ("http", "https"):
+            raise ValueError(f"endpoint_url must start with http:// or https://, got {url!r}")
+        return url
 
     def resolved(self) -> StorageConfig:
         """A copy with a profile turned into explicit keys and region, so workers need no ~/.aws."""
@@ -59,8 +66,8 @@ class StorageConfig(BaseModel):
         kwargs: dict = {}
         if self.endpoint_url:
             url = urlparse(self.endpoint_url)
-            kwargs["endpoint_override"] = url.netloc or url.path
-            kwargs["scheme"] = url.scheme or "https"  # pyarrow speaks https unless told otherwise
+            kwargs["endpoint_override"] = url.netloc
+            kwargs["scheme"] = url.scheme  # pyarrow speaks https unless told otherwise
         if self.region:
             kwargs["region"] = self.region
         if self.key or self.secret:
@@ -120,8 +127,3 @@ def write_bytes(path: str, data: bytes, storage: StorageConfig) -> None:
         fs.create_dir(target.rsplit("/", 1)[0], recursive=True)
     with fs.open_output_stream(target) as f:
         f.write(data)
-
-
-def exists(path: str, storage: StorageConfig) -> bool:
-    fs = storage.filesystem(path)
-    return fs.get_file_info(fs_path(path)).type != pafs.FileType.NotFound

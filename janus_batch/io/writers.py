@@ -12,11 +12,12 @@ in two phases and, on resume, deletes files whose name starts with an uncommitte
 
 from __future__ import annotations
 
+import base64
 import io
 import json
 import posixpath
 import tarfile
-from datetime import datetime
+from datetime import date, time
 from typing import Literal
 
 import pyarrow as pa
@@ -30,8 +31,14 @@ OutputFormat = Literal["parquet", "webdataset", "files"]
 IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
 
 
-def json_safe(row: dict) -> dict:
-    return {k: v.isoformat() if isinstance(v, datetime) else v for k, v in row.items()}
+def json_value(value: object) -> object:
+    """What `json` cannot write itself, from an id column passed through: dates and times as ISO 8601, bytes
+    as base64, anything else (decimals, ...) as its string."""
+    if isinstance(value, (date, time)):
+        return value.isoformat()
+    if isinstance(value, bytes):
+        return base64.b64encode(value).decode()
+    return str(value)
 
 
 class ParquetWriter(BlockBasedFileDatasink):
@@ -59,7 +66,7 @@ class WebDatasetWriter(BlockBasedFileDatasink):
                     members.append((self.image_ext, image["bytes"]))
                 if row.get(self.text_column) is not None:
                     members.append(("txt", row[self.text_column].encode()))
-                members.append(("json", json.dumps(json_safe(row)).encode()))
+                members.append(("json", json.dumps(row, default=json_value).encode()))
                 for ext, data in members:
                     info = tarfile.TarInfo(f"{key}.{ext}")
                     info.size, info.mode = len(data), 0o644

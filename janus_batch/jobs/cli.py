@@ -41,7 +41,8 @@ COMMON_FLAGS = {
 
 
 def common_parser(description: str) -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description=description, formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    # Every flag defaults to None ("not given": the YAML or the spec's default applies); help says the default.
+    p = argparse.ArgumentParser(description=description)
     p.add_argument("--config", type=Path, help="YAML file with the job spec; flags override it")
     p.add_argument("--dry-run", action="store_true", help="print the resolved spec and the plan, run nothing")
     p.add_argument("--run-id", help="rerun with the same id to resume a run (default: a new id)")
@@ -82,7 +83,7 @@ def build_spec(cls: type[JobSpec], args: argparse.Namespace, flags: dict[str, st
     data = (yaml.safe_load(args.config.read_text()) if args.config else None) or {}
     for dest, dotted in {**COMMON_FLAGS, **flags}.items():
         value = getattr(args, dest, None)
-        if value is not None and value is not False:
+        if value is not None:
             set_path(data, dotted, value)
     return cls.model_validate(data)
 

@@ -81,12 +81,55 @@ def count_input_rows(prepared: Prepared) -> int:
     return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in prepared.files)
 
 
-def committed_rows(spec: JobSpec) -> int:
-    """Rows committed by earlier attempts of this run (from the checkpoint files' metadata)."""
+def resume_key(spec: JobSpec) -> str:
+    """The column that identifies an input row in the output and the checkpoint."""
+    if isinstance(spec, CaptionJob) and spec.input.format == "images":
+        return schemas.PATH
+    return schemas.ROW_HASH
+
+
+def committed(spec: JobSpec) -> tuple[int, int]:
+    """(output rows, input rows) committed by earlier attempts of this run, from the checkpoint: it holds the
+    resume key of every output row, and a prompt's images (or its one error row) share one."""
     fs = spec.storage.filesystem(spec.run_dir)
     selector = pafs.FileSelector(fs_path(join(spec.run_dir, "_checkpoint")), allow_not_found=True)
     files = [i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet") and ".pending." not in i.path]
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in files)
+    if not files:
+        return 0, 0
+    keys = pa.concat_tables(pq.read_table(f, columns=[resume_key(spec)], filesystem=fs) for f in files).column(0)
+    return len(keys), len(keys.unique())
+
+
+# What may change when a run is resumed: how it runs, not what it makes.
+RESUMABLE_CHANGES = ("resources.", "storage.", "output.rows_per_file")
+
+
+def check_resumable(spec: JobSpec) -> None:
+    """A rerun of a run id that has committed rows must make what the first attempts made: refuse a spec whose
+    outputs would differ (another model, seed, input, format...), rather than mix two kinds of output."""
+    try:
+        stored = json.loads(read_bytes(join(spec.run_dir, "spec.json"), spec.storage, 2**24))
+    except FileNotFoundError:
+        return
+    was, now = flatten(stored), flatten(spec.public_dump())
+    changed = [k for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+    changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    if changed and committed(spec)[0] > 0:
+        diff = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        raise ValueError(
+            f"run {spec.run_id} has committed rows made with another spec ({diff}): resume it with the spec in "
+            f"{join(spec.run_dir, 'spec.json')}, or start a new run id"
+        )
+
+
+def flatten(data: dict, prefix: str = "") -> dict:
+    flat = {}
+    for key, value in data.items():
+        if isinstance(value, dict):
+            flat.update(flatten(value, f"{prefix}{key}."))
+        else:
+            flat[f"{prefix}{key}"] = value
+    return flat
 
 
 def cpu_shortfall(spec: JobSpec, cluster_cpus: float, resuming: bool) -> str | None:
@@ -146,6 +189,7 @@ def prepare(spec: JobSpec) -> Prepared:
             }
             readers.require_columns(schema, columns, input_path)
     model_config = read_model_config(spec.model.source, storage)
+    check_resumable(spec)
     try:  # also proves the output location is writable
         write_bytes(join(spec.run_dir, "spec.json"), json.dumps(spec.public_dump(), indent=2).encode(), storage)
     except OSError as e:
@@ -195,12 +239,12 @@ def build_pipeline(spec: JobSpec, prepared: Prepared | None = None, progress=Non
     prepared = prepared or prepare(spec)
     spec = prepared.spec
     if isinstance(spec, SynthesizeJob):
-        ds, resume_key = synthesis_stages(spec, prepared, progress)
+        ds = synthesis_stages(spec, prepared, progress)
     else:
-        ds, resume_key = understanding_stages(spec, prepared, progress)
+        ds = understanding_stages(spec, prepared, progress)
     ds.context.target_max_block_size = MAX_BLOCK_BYTES
     ds.context.checkpoint_config = CheckpointConfig(
-        id_column=resume_key,
+        id_column=resume_key(spec),
         checkpoint_path=fs_path(join(spec.run_dir, "_checkpoint")),
         override_filesystem=spec.storage.filesystem(spec.run_dir),
         # Kept after success, so rerunning a finished run id writes nothing twice.
@@ -209,8 +253,8 @@ def build_pipeline(spec: JobSpec, prepared: Prepared | None = None, progress=Non
     return ds
 
 
-def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> tuple[ray.data.Dataset, str]:
-    """read prompts -> check -> generate (actors) -> encode; and the resume key column."""
+def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> ray.data.Dataset:
+    """read prompts -> check -> generate (actors) -> encode."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
     map_args, engine_args = model_stage_args(spec)
@@ -248,20 +292,20 @@ def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> tuple
     )
     # batch_size=None: one block in, one block out, so a prompt's images stay in one block.
     ds = ds.map_batches(stages.encode_images, fn_kwargs=post, batch_size=None, **cpu)
-    return ds, schemas.ROW_HASH
+    return ds
 
 
-def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tuple[ray.data.Dataset, str]:
-    """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows; resume key."""
+def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> ray.data.Dataset:
+    """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
     map_args, engine_args = model_stage_args(spec)
     source = spec.input
+    key = resume_key(spec)
     if source.format == "images":
-        resume_key, passthrough = schemas.PATH, [schemas.PATH]
+        passthrough = [schemas.PATH]
         ds = readers.read_image_folder(prepared.input_path, storage, spec.resources.cpus_per_task)
     else:
-        resume_key = schemas.ROW_HASH
         passthrough = [c for c in (source.id_column, source.image_uri_column) if c]
         image_columns = [source.image_column, source.image_uri_column, source.question_column]
         columns = [c for c in [*image_columns, *passthrough] if c]
@@ -272,7 +316,7 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tupl
     ds = ds.map_batches(
         stages.prepare_images,
         fn_kwargs=dict(
-            resume_key=resume_key,
+            resume_key=key,
             image_column=source.image_column,
             image_uri_column=source.image_uri_column,
             id_column=source.id_column,
@@ -284,6 +328,7 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tupl
             max_image_bytes=source.max_image_bytes,
         ),
         batch_size=spec.resources.batch_size,
+        retry_exceptions=[stages.StorageUnavailable],  # up to Ray's task retries (3), then the job stops
         **cpu,
     )
     params = dict(
@@ -296,7 +341,7 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tupl
     ds = ds.repartition(target_num_rows_per_block=spec.resources.batch_size)
     ds = ds.map_batches(
         stages.Describer,
-        fn_constructor_kwargs=dict(engine_args, params=params, resume_key=resume_key, text_column=spec.text_column),
+        fn_constructor_kwargs=dict(engine_args, params=params, resume_key=key, text_column=spec.text_column),
         **map_args,
     )
     schema = output_schema(spec, prepared)
@@ -306,7 +351,7 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> tupl
         batch_size=None,
         **cpu,
     )
-    return ds, resume_key
+    return ds
 
 
 def output_schema(spec: JobSpec, prepared: Prepared) -> pa.Schema:
@@ -399,9 +444,12 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
     spec = prepared.spec
     inputs = count_input_rows(prepared)
     total = expected_rows(spec, inputs)
-    before = committed_rows(spec)
-    print(f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {before} rows already committed")
-    if before >= total:  # a finished run: no model to load, nothing to write
+    before, inputs_before = committed(spec)
+    print(
+        f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {inputs_before} of them already committed "
+        f"({before} rows)"
+    )
+    if inputs_before >= inputs:  # a finished run: no model to load, nothing to write
         rows, errors = 0, 0
     else:
         if warning := cpu_shortfall(spec, ray.cluster_resources().get("CPU", 0), resuming=before > 0):
@@ -415,6 +463,7 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         output_dir=spec.run_dir,
         inputs=inputs,
         expected_rows=total,
+        inputs_committed_before=inputs_before,
         rows_committed_before=before,
         rows_written=rows,
         errors=errors,

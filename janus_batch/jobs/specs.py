@@ -85,7 +85,9 @@ class OutputSpec(Spec):
     path: str = Field("outputs", description="local dir or s3:// prefix; the run writes under PATH/RUN_ID/")
     format: OutputFormat = "parquet"
     image_format: Literal["png", "jpeg", "webp"] = "png"
-    rows_per_file: int = Field(256, ge=1, description="target rows per output file (one commit unit)")
+    rows_per_file: int = Field(
+        256, ge=1, description="at least this many rows per output file (a commit unit); a model call is never split"
+    )
 
 
 class JobSpec(Spec):
@@ -208,8 +210,12 @@ class CaptionJob(JobSpec):
 
     @model_validator(mode="after")
     def check_task(self) -> CaptionJob:
+        if self.task == "vqa" and self.input.format == "images":
+            raise ValueError("task 'vqa' needs a question per row: use Parquet input with input.question_column")
         if self.task == "vqa" and self.input.question_column is None:
             raise ValueError("task 'vqa' needs input.question_column (the question per row)")
+        if self.output.format == "files":
+            raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
         if self.task == "caption" and self.input.question_column is not None:
             raise ValueError("input.question_column is set: use task 'vqa' to answer questions")
         # Passed-through columns keep their names: one named like an output column would collide with it.
