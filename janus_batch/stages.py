@@ -92,17 +92,18 @@ GENERATED = pa.schema(
 
 def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | None, duplicates: set) -> pa.Table:
     """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing or mistyped prompt or id, or
-    an id shared with another row, get an error; the engine checks the prompt text itself later."""
+    an id shared with another row (without an id column: the same prompt text, which would make the same
+    images), get an error; the engine checks the prompt text itself later."""
     prompts = batch[prompt_column].to_pylist()
     ids = batch[id_column].to_pylist() if id_column else prompts
     out_prompts, out_ids, errors = [], [], []
     for prompt, pid in zip(prompts, ids, strict=True):
         error = type_error("prompt", prompt, "string")
-        if error is None and id_column:
+        if error is None:
             if pid is None:
                 error = f"{id_column} is null"
             elif pid in duplicates:
-                error = f"duplicate {id_column} {pid!r}: more than one input row has it"
+                error = f"duplicate {id_column or prompt_column} {pid!r}: more than one input row has it"
         out_prompts.append(None if prompt is None else str(prompt))
         out_ids.append(None if pid is None else str(pid))
         errors.append(error)

@@ -16,8 +16,8 @@ if ! "$VENV/bin/python" -c "import torch" 2>/dev/null; then
     # GPU machine: PyPI's default Linux wheel is the CUDA build.
     "$VENV/bin/python" -m pip install -q "torch>=2.11"
   else
-    # CPU machine: the CPU build. Where pip's default index would give the multi-GB CUDA build, point
-    # JANUS_TORCH_INDEX at https://download.pytorch.org/whl/cpu.
+    # CPU machine: torch 2.13.0. PyPI's Linux wheel of it is the multi-GB CUDA build (it runs on CPU too):
+    # point JANUS_TORCH_INDEX at https://download.pytorch.org/whl/cpu for the CPU build.
     "$VENV/bin/python" -m pip install -q ${JANUS_TORCH_INDEX:+--index-url "$JANUS_TORCH_INDEX"} "torch==2.13.0"
   fi
 fi

@@ -89,6 +89,8 @@ def test_caption_spec_modes():
     # Both would otherwise fail only once the job runs, after its model actors have started.
     with pytest.raises(ValidationError, match="task 'vqa' needs a question per row: use Parquet input"):
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "format": "images", "question_column": "q"}})
+    with pytest.raises(ValidationError, match="instruction is empty"):
+        CaptionJob.model_validate({"input": {"path": "x"}, "instruction": "  "})
     with pytest.raises(ValidationError, match="output format 'files' writes images"):
         CaptionJob.model_validate({"input": {"path": "x"}, "output": {"format": "files"}})
 
@@ -203,6 +205,10 @@ def test_prepare_prompts_reports_each_bad_row():
     ]
     no_ids = stages.prepare_prompts(batch.slice(0, 1), prompt_column="prompt", id_column=None, duplicates=set())
     assert no_ids["prompt_id"].to_pylist() == ["a fox"]  # the prompt text is the id
+    # So a repeated prompt is a repeated id: it would make the same images twice.
+    twice = pa.table({"prompt": ["a fox", "a fox"], "row_hash": pa.array([1, 2], pa.uint64())})
+    out = stages.prepare_prompts(twice, prompt_column="prompt", id_column=None, duplicates={"a fox"})
+    assert out["error"].to_pylist() == ["duplicate prompt 'a fox': more than one input row has it"] * 2
 
 
 def prepared_images(batch: pa.Table, storage: StorageConfig, **kwargs) -> pa.Table:

@@ -211,6 +211,7 @@ BAD_REQUESTS = [
     ("/v1/caption", {"images": ["ééé"]}, 422, "images[0]: invalid base64"),
     ("/v1/caption", {"images": IMAGES[:1], "max_new_tokens": 17}, 422, "max_new_tokens is 17, over this server's"),
     ("/v1/caption", {"images": IMAGES[:1], "instruction": LONG_TEXT}, 422, "instruction: question too long"),
+    ("/v1/caption", {"images": IMAGES[:1], "instruction": " \n"}, 422, "instruction: empty question"),
     ("/v1/vqa", {"images": IMAGES[:1], "questions": ["a", "b"]}, 422, "1 images but 2 questions"),
     ("/v1/vqa", {"images": IMAGES[:1], "questions": [" "]}, 422, "questions[0] is empty"),
     ("/v1/vqa", {"images": IMAGES[:1], "questions": [LONG_TEXT]}, 422, "questions[0]: question too long"),

@@ -204,6 +204,8 @@ class JanusEngine:
 
     def check_question(self, question: str, max_new_tokens: int) -> str | None:
         """Why `question` (or a caption instruction) cannot be asked, or None when it can."""
+        if not question.strip():
+            return "empty question"
         length = len(self.encode(understanding_prompt(question, self.num_image_tokens, self.system_prompt)))
         if length + max_new_tokens > self.max_positions:
             return (

@@ -263,8 +263,8 @@ def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> ray.d
     id_column = source.id_column if source else "prompt_id"
     columns = [c for c in (prompt_column, id_column) if c]
     ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
-    check_ids = id_column and (source is None or source.check_duplicate_ids)
-    dups = readers.duplicate_ids(ds, id_column) if check_ids else set()
+    check_ids = source is None or source.check_duplicate_ids
+    dups = readers.duplicate_ids(ds, id_column or prompt_column) if check_ids else set()
     ds = ds.map_batches(
         stages.prepare_prompts,
         fn_kwargs=dict(prompt_column=prompt_column, id_column=id_column, duplicates=dups),

@@ -145,7 +145,9 @@ class PromptInput(Spec):
     path: str = Field(description="Parquet file or folder, local or s3://")
     prompt_column: str = "prompt"
     id_column: str | None = Field("prompt_id", description="None: the prompt text is the id")
-    check_duplicate_ids: bool = Field(True, description="report rows sharing an id (one pass over the id column)")
+    check_duplicate_ids: bool = Field(
+        True, description="report rows sharing an id (or, without id_column, a prompt text): one pass over that column"
+    )
 
 
 class SynthesizeJob(JobSpec):
@@ -207,6 +209,13 @@ class CaptionJob(JobSpec):
     greedy: bool = True
     temperature: float = Field(1.0, ge=0)
     seed: int = 0
+
+    @field_validator("instruction")
+    @classmethod
+    def check_instruction(cls, instruction: str) -> str:
+        if not instruction.strip():
+            raise ValueError("instruction is empty")
+        return instruction
 
     @model_validator(mode="after")
     def check_task(self) -> CaptionJob:
