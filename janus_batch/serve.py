@@ -56,7 +56,7 @@ class ServeArgs(BaseModel):
     storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// I/O")
     # Replicas: one model each; on a GPU when num_gpus > 0.
     num_gpus: float = Field(0, ge=0)
-    num_cpus: float = Field(1, gt=0)
+    num_cpus: float = Field(1, gt=0, description="per replica; also how many image requests it decodes at once")
     min_replicas: int = Field(1, ge=0)
     max_replicas: int = Field(1, ge=1)
     target_ongoing_requests: float = Field(16, gt=0)

@@ -67,7 +67,7 @@ class StorageConfig(BaseModel):
         if self.endpoint_url:
             url = urlparse(self.endpoint_url)
             kwargs["endpoint_override"] = url.netloc
-            kwargs["scheme"] = url.scheme  # pyarrow speaks https unless told otherwise
+            kwargs["scheme"] = url.scheme  # pyarrow speaks https unless told (local stores are often http)
         if self.region:
             kwargs["region"] = self.region
         if self.key or self.secret:
