@@ -1,13 +1,17 @@
-"""Output writers, one per format, all with the same interface (Ray Data file datasinks).
+"""Output writers: one Ray Data datasink, one encoding per format, committed as in `janus_batch.io.commits`.
 
-Each write task gets a block of finished rows (an Arrow table with one of the schemas in `schemas`) and
-writes it as one file named `{write_uuid}_{task_index}`: Ray Data's checkpointing commits a task's rows
-in two phases and, on resume, deletes files whose name starts with an uncommitted task's prefix.
+Each write task gets finished rows (an Arrow table with one of the schemas in `schemas`) and writes them as one
+task of files named `{task}` = `{write_uuid}_{task_index:06}`, under the run folder:
 
-- parquet:    `{task}.parquet`; the image column opens in Hugging Face `datasets` as an Image feature.
-- webdataset: `{task}.tar` in img2dataset's layout: `{key}.{png,jpg,webp}` + `{key}.txt` + `{key}.json`.
-- files:      `{key}.{png,jpg,webp}` per image (deterministic names: a redone task rewrites the same bytes
-              to the same file) + `{task}.parquet` with the metadata of the task's rows and a `file_name`.
+- parquet:    `data/{task}.parquet`; the image column opens in Hugging Face `datasets` as an Image feature.
+- webdataset: `data/{task}.tar` in img2dataset's layout, `{key}.{png,jpg,webp}` + `{key}.txt` + `{key}.json` per
+              image or text; the task's error rows (which have no image or text) in `data/{task}.errors.parquet`,
+              so that every sample in a shard has the same members (as `datasets`' webdataset loader needs).
+              Unsigned 64-bit values (`row_hash`) are written as strings in the JSON: readers parse JSON integers
+              as int64.
+- files:      `images/{task}/{key}.{png,jpg,webp}` per image with `images/{task}/metadata.parquet` (a
+              `datasets` imagefolder: `file_name` relative to it), and `data/{task}.parquet`, the task's rows
+              without images (errors too) with `file_name` relative to the run folder.
 """
 
 from __future__ import annotations
@@ -15,17 +19,29 @@ from __future__ import annotations
 import base64
 import io
 import json
-import posixpath
 import tarfile
+from collections.abc import Iterable
 from datetime import date, time
 from typing import Literal
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
-from ray.data.block import BlockAccessor
-from ray.data.datasource import BlockBasedFileDatasink
+from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
+from ray.data.block import Block, BlockAccessor
+from ray.data.datasource import Datasink
 
-from janus_batch.io.schemas import with_hf_image_feature
+from janus_batch.io.commits import (
+    DATA,
+    ERRORS_SUFFIX,
+    IMAGES,
+    RunFiles,
+    TaskReader,
+    index_rows,
+    is_main,
+    parquet_task_reader,
+)
+from janus_batch.io.schemas import ERROR, with_hf_image_feature
 
 OutputFormat = Literal["parquet", "webdataset", "files"]
 IMAGE_EXTENSIONS = {"png": "png", "jpeg": "jpg", "webp": "webp"}
@@ -41,26 +57,67 @@ def json_value(value: object) -> object:
     return str(value)
 
 
-class ParquetWriter(BlockBasedFileDatasink):
-    def __init__(self, path: str, *, schema: pa.Schema, has_image: bool, **kwargs):
-        super().__init__(path, file_format="parquet", **kwargs)
-        self.schema = with_hf_image_feature(schema) if has_image else schema
-
-    def write_block_to_file(self, block: BlockAccessor, file: pa.NativeFile) -> None:
-        pq.write_table(block.to_arrow().cast(self.schema), file)
+def parquet_bytes(table: pa.Table) -> bytes:
+    sink = pa.BufferOutputStream()
+    pq.write_table(table, sink)
+    return sink.getvalue().to_pybytes()
 
 
-class WebDatasetWriter(BlockBasedFileDatasink):
-    def __init__(self, path: str, *, text_column: str, image_format: str, **kwargs):
-        super().__init__(path, file_format="tar", **kwargs)
+class RunWriter(Datasink[None]):
+    """Writes each write task's rows in `output_format`, as one committed task (see janus_batch.io.commits)."""
+
+    def __init__(
+        self,
+        run: RunFiles,
+        output_format: OutputFormat,
+        *,
+        schema: pa.Schema,
+        rows_per_file: int,
+        text_column: str,
+        image_format: str = "png",
+    ):
+        has_image = "image" in schema.names
+        if output_format == "files" and not has_image:
+            raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
+        if output_format not in ("parquet", "webdataset", "files"):
+            raise ValueError(f"unknown output format {output_format!r}")
+        self.run = run
+        self.output_format = output_format
+        self.schema = with_hf_image_feature(schema) if has_image and output_format == "parquet" else schema
+        self.rows_per_file = rows_per_file
         self.text_column = text_column
         self.image_ext = IMAGE_EXTENSIONS[image_format]
 
-    def write_block_to_file(self, block: BlockAccessor, file: pa.NativeFile) -> None:
-        with tarfile.open(fileobj=file, mode="w|") as tar:
-            for row in block.to_arrow().to_pylist():
-                key = row["key"]
+    @property
+    def min_rows_per_write(self) -> int:
+        return self.rows_per_file
+
+    def write(self, blocks: Iterable[Block], ctx) -> None:
+        tables = [BlockAccessor.for_block(b).to_arrow() for b in blocks]
+        table = pa.concat_tables(tables).cast(self.schema) if tables else self.schema.empty_table()
+        if table.num_rows == 0:
+            return
+        task = f"{ctx.kwargs[WRITE_UUID_KWARG_NAME]}_{ctx.task_idx:06}"
+        encode = {"parquet": self.parquet, "webdataset": self.webdataset, "files": self.files}[self.output_format]
+        aux, main = encode(task, table)
+        self.run.commit_task(task, aux, main, index_rows(table, self.run.resume_key, self.run.resume_type))
+
+    def parquet(self, task: str, table: pa.Table) -> tuple[dict, tuple[str, bytes]]:
+        return {}, (f"{DATA}/{task}.parquet", parquet_bytes(table))
+
+    def webdataset(self, task: str, table: pa.Table) -> tuple[dict, tuple[str, bytes]]:
+        failed = pc.is_valid(table[ERROR])
+        errors = table.filter(failed)
+        aux = {}
+        if errors.num_rows:
+            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(errors.drop_columns(["image"], errors=False))
+        unsigned = [f.name for f in table.schema if pa.types.is_uint64(f.type)]
+        buffer = io.BytesIO()
+        with tarfile.open(fileobj=buffer, mode="w") as tar:
+            for row in table.filter(pc.invert(failed)).to_pylist():
                 image = row.pop("image", None)
+                for name in unsigned:
+                    row[name] = None if row[name] is None else str(row[name])
                 members = []
                 if image is not None:
                     members.append((self.image_ext, image["bytes"]))
@@ -68,54 +125,49 @@ class WebDatasetWriter(BlockBasedFileDatasink):
                     members.append(("txt", row[self.text_column].encode()))
                 members.append(("json", json.dumps(row, default=json_value).encode()))
                 for ext, data in members:
-                    info = tarfile.TarInfo(f"{key}.{ext}")
+                    info = tarfile.TarInfo(f"{row['key']}.{ext}")
                     info.size, info.mode = len(data), 0o644
                     tar.addfile(info, io.BytesIO(data))
+        return aux, (f"{DATA}/{task}.tar", buffer.getvalue())
 
-
-class ImageFilesWriter(BlockBasedFileDatasink):
-    def __init__(self, path: str, *, schema: pa.Schema, image_format: str, **kwargs):
-        super().__init__(path, file_format="parquet", **kwargs)
-        self.image_ext = IMAGE_EXTENSIONS[image_format]
-        self.schema = schema.remove(schema.get_field_index("image")).append(pa.field("file_name", pa.string()))
-
-    def write_block(self, block: BlockAccessor, block_index: int, ctx) -> None:
-        table = block.to_arrow()
-        names = []
+    def files(self, task: str, table: pa.Table) -> tuple[dict, tuple[str, bytes]]:
+        aux, names = {}, []
         for key, image in zip(table["key"].to_pylist(), table["image"].to_pylist(), strict=True):
-            if image is None:
-                names.append(None)
-                continue
-            name = f"{key}.{self.image_ext}"
-            with self.open_output_stream(posixpath.join(self.path, name)) as f:
-                f.write(image["bytes"])
+            name = None if image is None else f"{key}.{self.image_ext}"
+            if name is not None:
+                aux[f"{IMAGES}/{task}/{name}"] = image["bytes"]
             names.append(name)
-        meta = table.drop_columns(["image"]).append_column("file_name", pa.array(names, pa.string()))
-        # The metadata file last: it is what names the task (and is deleted with it on an unfinished commit).
-        super().write_block(BlockAccessor.for_block(meta.cast(self.schema)), block_index, ctx)
+        rows = table.drop_columns(["image"])
+        local = rows.append_column("file_name", pa.array(names, pa.string()))
+        aux[f"{IMAGES}/{task}/metadata.parquet"] = parquet_bytes(local.filter(pc.is_valid(local["file_name"])))
+        in_run = [None if n is None else f"{IMAGES}/{task}/{n}" for n in names]
+        main = rows.append_column("file_name", pa.array(in_run, pa.string()))
+        return aux, (f"{DATA}/{task}.parquet", parquet_bytes(main))
 
-    def write_block_to_file(self, block: BlockAccessor, file: pa.NativeFile) -> None:
-        pq.write_table(block.to_arrow(), file)
+    def task_reader(self) -> TaskReader:
+        """How to index a committed task again from its files (see commits.reconcile)."""
+        resume_key, resume_type = self.run.resume_key, self.run.resume_type
+        if self.output_format != "webdataset":
+            return parquet_task_reader(resume_key, resume_type)
 
+        def read(files: dict[str, bytes], names: set[str]) -> pa.Table:
+            ((main, data),) = [(r, d) for r, d in files.items() if is_main(r)]
+            rows = []
+            with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
+                for member in tar:
+                    if member.name.endswith(".json"):
+                        row = json.loads(tar.extractfile(member).read())
+                        resume = int(row[resume_key]) if pa.types.is_uint64(resume_type) else row[resume_key]
+                        rows.append(
+                            {resume_key: resume, "key": row["key"], ERROR: None, "weights_hash": row["weights_hash"]}
+                        )
+            columns = pa.schema(
+                [(resume_key, resume_type), ("key", pa.string()), (ERROR, pa.string()), ("weights_hash", pa.string())]
+            )
+            tables = [pa.Table.from_pylist(rows, schema=columns)]
+            errors = main.removesuffix(".tar") + ERRORS_SUFFIX
+            if errors in files:
+                tables.append(pq.read_table(io.BytesIO(files[errors]), columns=columns.names).cast(columns))
+            return index_rows(pa.concat_tables(tables), resume_key, resume_type)
 
-def make_writer(
-    output_format: OutputFormat,
-    path: str,
-    *,
-    schema: pa.Schema,
-    filesystem: pa.fs.FileSystem,
-    rows_per_file: int,
-    text_column: str,
-    image_format: str = "png",
-) -> BlockBasedFileDatasink:
-    common = dict(filesystem=filesystem, min_rows_per_file=rows_per_file)
-    has_image = "image" in schema.names
-    if output_format == "parquet":
-        return ParquetWriter(path, schema=schema, has_image=has_image, **common)
-    if output_format == "webdataset":
-        return WebDatasetWriter(path, text_column=text_column, image_format=image_format, **common)
-    if output_format == "files":
-        if not has_image:
-            raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
-        return ImageFilesWriter(path, schema=schema, image_format=image_format, **common)
-    raise ValueError(f"unknown output format {output_format!r}")
+        return read

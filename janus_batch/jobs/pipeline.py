@@ -2,20 +2,26 @@
 
 Layout of a run (local or s3://):
     OUTPUT/RUN_ID/spec.json       the spec as run (secrets masked)
-    OUTPUT/RUN_ID/data/           the outputs (see janus_batch.io.writers)
-    OUTPUT/RUN_ID/_checkpoint/    Ray Data's checkpoint: resume keys of committed rows
+    OUTPUT/RUN_ID/inputs.json     the input files' sizes and modification times when the run started
+    OUTPUT/RUN_ID/_lease.json     held by the driver running it (janus_batch.jobs.lease)
+    OUTPUT/RUN_ID/data/           the outputs (see janus_batch.io.writers); images/ too for the 'files' format
+    OUTPUT/RUN_ID/_index/         which rows each data file holds: a cache (janus_batch.io.commits)
     OUTPUT/RUN_ID/summary.json    counts, throughput, wall time (written when the run finishes)
 
-Exactly once: Ray Data's checkpointing records the resume key of every row a write task commits (in two
-phases), and on a rerun drops input rows already committed and deletes files of uncommitted tasks. All
-images of a prompt come out of one model call as one block, and blocks are never split before the write,
-so a prompt is committed whole or not at all. Inputs are cut into blocks of one model batch before the
-model stage: an actor task's outputs leave as one block, so this keeps commits small and frequent (a
-whole input file in one block would commit only at its end).
+Exactly once: the data files are the truth. Before a run, the run folder is reconciled
+(`janus_batch.io.commits.reconcile`): leftovers of unfinished write tasks are deleted, and the resume keys of
+every input whose output rows are all present are read. Those inputs are dropped after the read; the rest are
+made and written, each write task committing its rows by writing its main data file last. After the run the
+folder is reconciled again, and the run has succeeded only when every input's rows are there, counted from the
+data. All images of a prompt come out of one model call as one block, and blocks are never split before the
+write, so a prompt is written whole. Inputs are cut into blocks of one model batch before the model stage: an
+actor task's outputs leave as one block, so this keeps commits small and frequent (a whole input file in one
+block would commit only at its end).
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 import threading
 import time
@@ -23,17 +29,19 @@ from datetime import datetime, timezone
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
-from ray.data.checkpoint import CheckpointConfig
 
 from janus_batch import stages
 from janus_batch.engine.engine import memory_share
 from janus_batch.io import readers, schemas
+from janus_batch.io.commits import Reconciled, RunFiles, reconcile
 from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
-from janus_batch.io.writers import make_writer
+from janus_batch.io.writers import RunWriter
+from janus_batch.jobs.lease import RunLease
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
 
 BUILTIN_PROMPTS = [
@@ -82,43 +90,60 @@ def count_input_rows(prepared: Prepared) -> int:
 
 
 def resume_key(spec: JobSpec) -> str:
-    """The column that identifies an input row in the output and the checkpoint."""
+    """The column that identifies an input row in the output (and says which inputs are done)."""
     if isinstance(spec, CaptionJob) and spec.input.format == "images":
         return schemas.PATH
     return schemas.ROW_HASH
 
 
-def committed(spec: JobSpec) -> tuple[int, int]:
-    """(output rows, input rows) committed by earlier attempts of this run, from the checkpoint: it holds the
-    resume key of every output row, and a prompt's images (or its one error row) share one."""
-    fs = spec.storage.filesystem(spec.run_dir)
-    selector = pafs.FileSelector(fs_path(join(spec.run_dir, "_checkpoint")), allow_not_found=True)
-    files = [i.path for i in fs.get_file_info(selector) if i.path.endswith(".parquet") and ".pending." not in i.path]
-    if not files:
-        return 0, 0
-    keys = pa.concat_tables(pq.read_table(f, columns=[resume_key(spec)], filesystem=fs) for f in files).column(0)
-    return len(keys), len(keys.unique())
+def run_files(spec: JobSpec) -> RunFiles:
+    key = resume_key(spec)
+    return RunFiles(
+        run_dir=fs_path(spec.run_dir),
+        filesystem=spec.storage.filesystem(spec.run_dir),
+        resume_key=key,
+        resume_type=pa.string() if key == schemas.PATH else pa.uint64(),
+    )
+
+
+def reconcile_run(spec: JobSpec, prepared: Prepared) -> Reconciled:
+    """The run folder made consistent, and what it holds (see janus_batch.io.commits)."""
+    per_input = spec.outputs_per_input
+    writer = writer_for(spec, prepared)
+    return reconcile(writer.run, writer.task_reader(), lambda failed: 1 if failed else per_input)
 
 
 # What may change when a run is resumed: how it runs, not what it makes.
-RESUMABLE_CHANGES = ("resources.", "storage.", "output.rows_per_file")
+RESUMABLE_CHANGES = ("resources.", "storage.", "lease.", "output.rows_per_file")
 
 
-def check_resumable(spec: JobSpec) -> None:
-    """A rerun of a run id that has committed rows must make what the first attempts made: refuse a spec whose
-    outputs would differ (another model, seed, input, format...), rather than mix two kinds of output."""
+def check_resumable(spec: JobSpec, prepared: Prepared, present: Reconciled) -> None:
+    """A rerun of a run id whose data hold rows must make what the first attempts made: refuse a spec whose
+    outputs would differ (another model, seed, input, format...), input files changed in place, or a model whose
+    weights differ from those that made the rows, rather than mix two kinds of output."""
+    if present.rows == 0:
+        return
+    changes = []
     try:
         stored = json.loads(read_bytes(join(spec.run_dir, "spec.json"), spec.storage, 2**24))
     except FileNotFoundError:
-        return
-    was, now = flatten(stored), flatten(spec.public_dump())
-    changed = [k for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
-    changed = [k for k in changed if not k.startswith(RESUMABLE_CHANGES)]
-    if changed and committed(spec)[0] > 0:
-        diff = ", ".join(f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed)
+        stored = None
+    if stored is not None:
+        was, now = flatten(stored), flatten(spec.public_dump())
+        changed = [k for k in sorted(was.keys() | now.keys()) if was.get(k) != now.get(k)]
+        changes += [f"{k} {was.get(k)!r} -> {now.get(k)!r}" for k in changed if not k.startswith(RESUMABLE_CHANGES)]
+    try:
+        recorded = json.loads(read_bytes(join(spec.run_dir, "inputs.json"), spec.storage, 2**28))
+    except FileNotFoundError:
+        recorded = None
+    if recorded is not None:
+        changes += input_changes(recorded, input_fingerprint(prepared))
+    if len(present.weights_hashes) > 1:
+        changes.append(f"the rows were made by {len(present.weights_hashes)} different model weights already")
+    if changes:
         raise ValueError(
-            f"run {spec.run_id} has committed rows made with another spec ({diff}): resume it with the spec in "
-            f"{join(spec.run_dir, 'spec.json')}, or start a new run id"
+            f"run {spec.run_id} has rows made with another spec or input ({'; '.join(changes)}): resume it with "
+            f"the spec in {join(spec.run_dir, 'spec.json')} and the same input files, or start a new run id"
         )
 
 
@@ -132,20 +157,19 @@ def flatten(data: dict, prefix: str = "") -> dict:
     return flat
 
 
-def cpu_shortfall(spec: JobSpec, cluster_cpus: float, resuming: bool) -> str | None:
+def cpu_shortfall(spec: JobSpec, cluster_cpus: float) -> str | None:
     """A warning when the job cannot start on the cluster as it is now: Ray would wait for CPUs that a fixed-size
-    cluster never gets. Beside the model actors, Ray Data holds 1 CPU for listing the input files and, on a
-    resumed run, 1 CPU for its checkpoint filter actor (neither is configurable)."""
+    cluster never gets. Beside the model actors, Ray Data holds 1 CPU for listing the input files (not
+    configurable)."""
     res = spec.resources
     low, _ = res.pool_size()
-    need = low * res.cpus_per_actor + 1 + (1 if resuming else 0)
+    need = low * res.cpus_per_actor + 1
     if need <= cluster_cpus:
         return None
-    ray_data = "1 for Ray Data's file listing" + (", 1 for its checkpoint filter" if resuming else "")
     return (
-        f"this {'resumed ' if resuming else ''}run needs {need:g} CPUs to start ({low} model actors x "
-        f"{res.cpus_per_actor:g} CPU, {ray_data}) and the cluster has {cluster_cpus:g}: unless an autoscaler adds "
-        "nodes it will wait forever. Lower --cpus-per-actor (0 is fine for GPU actors) or --actors."
+        f"this run needs {need:g} CPUs to start ({low} model actors x {res.cpus_per_actor:g} CPU, 1 for Ray Data's "
+        f"file listing) and the cluster has {cluster_cpus:g}: unless an autoscaler adds nodes it will wait forever. "
+        "Lower --cpus-per-actor (0 is fine for GPU actors) or --actors."
     )
 
 
@@ -160,10 +184,45 @@ class Prepared:
         self.image_size = model_image_size(model_config)
 
 
-def prepare(spec: JobSpec) -> Prepared:
-    """Resolve the run id and credentials, check input, model and output; fail fast with a clear message."""
+# Inputs with more files than this are fingerprinted by one digest (a change is still refused, unnamed).
+FINGERPRINT_FILES_NAMED = 10_000
+
+
+def input_fingerprint(prepared: Prepared) -> dict:
+    """Size and modification time of every input file: a rerun refuses inputs changed in place, since resume keys
+    are row positions (Parquet) or paths (image folders), not contents."""
+    fs = prepared.spec.storage.filesystem(prepared.input_path)
+    entries = {i.path: [i.size, i.mtime_ns] for i in fs.get_file_info(prepared.files)}
+    digest = hashlib.sha256(json.dumps(sorted(entries.items())).encode()).hexdigest()
+    named = entries if len(entries) <= FINGERPRINT_FILES_NAMED else None
+    return {"files": len(entries), "digest": digest, "named": named}
+
+
+def input_changes(was: dict, now: dict) -> list[str]:
+    if was["digest"] == now["digest"]:
+        return []
+    if was.get("named") is None or now.get("named") is None:
+        return [f"the input files changed ({was['files']} files then, {now['files']} now)"]
+    old, new = was["named"], now["named"]
+    changes = [f"input {p} added" for p in sorted(new.keys() - old.keys())]
+    changes += [f"input {p} removed" for p in sorted(old.keys() - new.keys())]
+    changes += [
+        f"input {p} changed (size, time {old[p]} -> {new[p]})" for p in sorted(old) if p in new and old[p] != new[p]
+    ]
+    return changes
+
+
+def resolve(spec: JobSpec) -> JobSpec:
+    """The run id filled in and credentials resolved (a profile turned into keys) for the workers."""
     spec = spec.with_run_id()
-    spec = spec.model_copy(update={"storage": spec.storage.resolved()})
+    return spec.model_copy(update={"storage": spec.storage.resolved()})
+
+
+def prepare(spec: JobSpec) -> Prepared:
+    """Check input, model and output of a resolved spec; fail fast with a clear message. Writes nothing but the
+    built-in prompts (once)."""
+    if spec.run_id is None or "{" in spec.run_id:
+        spec = resolve(spec)
     storage = spec.storage
     if isinstance(spec, SynthesizeJob):
         input_path = spec.input.path if spec.input else write_builtin_prompts(spec)
@@ -189,16 +248,25 @@ def prepare(spec: JobSpec) -> Prepared:
             }
             readers.require_columns(schema, columns, input_path)
     model_config = read_model_config(spec.model.source, storage)
-    check_resumable(spec)
-    try:  # also proves the output location is writable
-        write_bytes(join(spec.run_dir, "spec.json"), json.dumps(spec.public_dump(), indent=2).encode(), storage)
-    except OSError as e:
-        raise OSError(f"cannot write to output {spec.run_dir}: {e}") from None
     return Prepared(spec, input_path, files, schema, model_config)
 
 
+def record_run(prepared: Prepared) -> None:
+    """spec.json and inputs.json, what a rerun is checked against."""
+    spec = prepared.spec
+    try:  # also proves the output location is writable
+        write_bytes(join(spec.run_dir, "spec.json"), json.dumps(spec.public_dump(), indent=2).encode(), spec.storage)
+    except OSError as e:
+        raise OSError(f"cannot write to output {spec.run_dir}: {e}") from None
+    write_bytes(join(spec.run_dir, "inputs.json"), json.dumps(input_fingerprint(prepared)).encode(), spec.storage)
+
+
 def write_builtin_prompts(spec: SynthesizeJob) -> str:
+    """The built-in prompts as the run's input file, written once (a rerun finds the same file)."""
     path = join(spec.run_dir, "input", "prompts.parquet")
+    fs = spec.storage.filesystem(path)
+    if fs.get_file_info(fs_path(path)).type == pafs.FileType.File:
+        return path
     table = pa.table({"prompt_id": [f"p{i}" for i in range(len(BUILTIN_PROMPTS))], "prompt": BUILTIN_PROMPTS})
     sink = pa.BufferOutputStream()
     pq.write_table(table, sink)
@@ -233,27 +301,41 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
     )
 
 
-def build_pipeline(spec: JobSpec, prepared: Prepared | None = None, progress=None) -> ray.data.Dataset:
-    """The job's Dataset up to (not including) the write: finished output rows, with the job's checkpoint
-    and block-size settings on its context. `progress`: an optional ProgressCounter actor."""
+def build_pipeline(
+    spec: JobSpec, prepared: Prepared | None = None, done: pa.Array | None = None, progress=None
+) -> ray.data.Dataset:
+    """The job's Dataset up to (not including) the write: finished output rows of the inputs whose resume keys are
+    not in `done` (see reconcile_run), with the job's block-size settings on its context. `progress`: an optional
+    ProgressCounter actor."""
     prepared = prepared or prepare(spec)
     spec = prepared.spec
+    done_ref = ray.put(done) if done is not None and len(done) else None
     if isinstance(spec, SynthesizeJob):
-        ds = synthesis_stages(spec, prepared, progress)
+        ds = synthesis_stages(spec, prepared, done_ref, progress)
     else:
-        ds = understanding_stages(spec, prepared, progress)
+        ds = understanding_stages(spec, prepared, done_ref, progress)
     ds.context.target_max_block_size = MAX_BLOCK_BYTES
-    ds.context.checkpoint_config = CheckpointConfig(
-        id_column=resume_key(spec),
-        checkpoint_path=fs_path(join(spec.run_dir, "_checkpoint")),
-        override_filesystem=spec.storage.filesystem(spec.run_dir),
-        # Kept after success, so rerunning a finished run id writes nothing twice.
-        delete_checkpoint_on_success=False,
-    )
     return ds
 
 
-def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> ray.data.Dataset:
+def drop_done(batch: pa.Table, *, resume_key: str, done: list) -> pa.Table:
+    """Input rows whose outputs are not in the run's data yet. `done`: [ObjectRef of the done resume keys],
+    wrapped in a list so that Ray passes the reference, fetched once per worker, not the keys per task."""
+    return batch.filter(pc.invert(pc.is_in(batch[resume_key], value_set=ray.get(done[0]))))
+
+
+def skip_done(ds: ray.data.Dataset, spec: JobSpec, done_ref, num_cpus: float) -> ray.data.Dataset:
+    if done_ref is None:
+        return ds
+    return ds.map_batches(
+        drop_done,
+        fn_kwargs=dict(resume_key=resume_key(spec), done=[done_ref]),
+        batch_format="pyarrow",
+        num_cpus=num_cpus,
+    )
+
+
+def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, done_ref, progress) -> ray.data.Dataset:
     """read prompts -> check -> generate (actors) -> encode."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
@@ -265,6 +347,7 @@ def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> ray.d
     ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
     check_ids = source is None or source.check_duplicate_ids
     dups = readers.duplicate_ids(ds, id_column or prompt_column) if check_ids else set()
+    ds = skip_done(ds, spec, done_ref, spec.resources.cpus_per_task)
     ds = ds.map_batches(
         stages.prepare_prompts,
         fn_kwargs=dict(prompt_column=prompt_column, id_column=id_column, duplicates=dups),
@@ -295,7 +378,7 @@ def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, progress) -> ray.d
     return ds
 
 
-def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> ray.data.Dataset:
+def understanding_stages(spec: CaptionJob, prepared: Prepared, done_ref, progress) -> ray.data.Dataset:
     """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
@@ -313,6 +396,7 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, progress) -> ray.
     dups = set()
     if source.id_column and source.check_duplicate_ids:
         dups = readers.duplicate_ids(ds, source.id_column)
+    ds = skip_done(ds, spec, done_ref, spec.resources.cpus_per_task)
     ds = ds.map_batches(
         stages.prepare_images,
         fn_kwargs=dict(
@@ -364,14 +448,12 @@ def output_schema(spec: JobSpec, prepared: Prepared) -> pa.Schema:
     return schemas.understanding_schema(schemas.ROW_HASH, ids, spec.text_column)
 
 
-def writer_for(spec: JobSpec, prepared: Prepared):
+def writer_for(spec: JobSpec, prepared: Prepared) -> RunWriter:
     text_column = "prompt" if isinstance(spec, SynthesizeJob) else spec.text_column
-    data_dir = join(spec.run_dir, "data")
-    return make_writer(
+    return RunWriter(
+        run_files(spec),
         spec.output.format,
-        fs_path(data_dir),
         schema=output_schema(spec, prepared),
-        filesystem=spec.storage.filesystem(data_dir),
         rows_per_file=spec.output.rows_per_file,
         text_column=text_column,
         image_format=spec.output.image_format,
@@ -395,12 +477,13 @@ class ProgressCounter:
         return self.rows, self.errors
 
 
-def expected_rows(spec: JobSpec, inputs: int) -> int:
-    return inputs * spec.images_per_prompt if isinstance(spec, SynthesizeJob) else inputs
+class RunIncomplete(RuntimeError):
+    """A run that ended without every input's rows in its data (summary.json says which): rerun its run id."""
 
 
 def report_progress(counter, total: int, before: int, start: float, stop: threading.Event, every: float) -> None:
-    """Print rows done, rows/s and ETA every `every` seconds until `stop` is set."""
+    """Print rows done (of about `total`: an input that fails makes one row), rows/s and ETA every `every`
+    seconds until `stop` is set."""
     while not stop.wait(every):
         rows, errors = ray.get(counter.get.remote())
         elapsed = time.perf_counter() - start
@@ -410,72 +493,95 @@ def report_progress(counter, total: int, before: int, start: float, stop: thread
         print(f"[janus-batch] {before + rows}/{total} rows ({errors} errors), {rate:.2f} rows/s, ETA {eta}", flush=True)
 
 
-def write_outputs(
-    prepared: Prepared, total: int, before: int, start: float, progress_every_s: float
-) -> tuple[int, int]:
-    """Run the pipeline into the job's writer, reporting progress; returns the rows written and errors among them."""
+def write_outputs(prepared: Prepared, before: Reconciled, inputs: int, start: float, progress_every_s: float) -> None:
+    """Run the pipeline into the job's writer, reporting progress."""
     spec = prepared.spec
     counter = ProgressCounter.remote()
-    ds = build_pipeline(spec, prepared, progress=counter)
+    ds = build_pipeline(spec, prepared, done=before.done, progress=counter)
     stop = threading.Event()
+    total = before.rows + (inputs - len(before.done)) * spec.outputs_per_input
     thread = threading.Thread(
-        target=report_progress, args=(counter, total, before, start, stop, progress_every_s), daemon=True
+        target=report_progress, args=(counter, total, before.rows, start, stop, progress_every_s), daemon=True
     )
     thread.start()
     try:
         # CPU stages (read and write included) take cpus_per_task: on a small machine, 1 CPU each would
-        # leave nothing beside the model actor and the checkpoint filter actor (1 CPU, not configurable).
+        # leave nothing beside the model actor.
         ds.write_datasink(writer_for(spec, prepared), ray_remote_args={"num_cpus": spec.resources.cpus_per_task})
     finally:
         stop.set()
         thread.join()
-    rows, errors = ray.get(counter.get.remote())
-    ray.kill(counter)
-    return rows, errors
+        ray.kill(counter)
 
 
 def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
-    """Run a job to completion (or resume it: same run id) and return its summary (also summary.json)."""
+    """Run a job to completion (or resume it: same run id) and return its summary (also summary.json).
+    Raises RunIncomplete (after writing summary.json) if some input has no output rows at the end."""
     if not ray.is_initialized():
         ray.init()
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
-    prepared = prepare(spec)
-    spec = prepared.spec
-    inputs = count_input_rows(prepared)
-    total = expected_rows(spec, inputs)
-    before, inputs_before = committed(spec)
+    spec = resolve(spec)
+    with RunLease(spec.run_dir, spec.storage, spec.lease.ttl_s) as lease:
+        lease.acquire(wait=spec.lease.wait)
+        prepared = prepare(spec)
+        inputs = count_input_rows(prepared)
+        before = reconcile_run(spec, prepared)
+        check_resumable(spec, prepared, before)
+        record_run(prepared)
+        repaired = f" ({before.describe()})" if before.describe() else ""
+        print(
+            f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {len(before.done)} of them already done "
+            f"({before.rows} rows){repaired}",
+            flush=True,
+        )
+        if len(before.done) < inputs:  # else a finished run: no model to load, nothing to write
+            if warning := cpu_shortfall(spec, ray.cluster_resources().get("CPU", 0)):
+                print(f"[janus-batch] warning: {warning}", flush=True)
+            write_outputs(prepared, before, inputs, start, progress_every_s)
+        after = reconcile_run(spec, prepared)
+        summary = summarize(spec, inputs, before, after, started_at, time.perf_counter() - start)
+        write_bytes(join(spec.run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), spec.storage)
     print(
-        f"[janus-batch] {spec.kind} run {spec.run_id}: {inputs} inputs, {inputs_before} of them already committed "
-        f"({before} rows)"
+        f"[janus-batch] {summary['status']}: {summary['rows_written']} rows written ({summary['errors_written']} "
+        f"errors) in {summary['wall_time_s']:.1f} s; {summary['inputs_done']}/{inputs} inputs done -> {spec.run_dir}"
     )
-    if inputs_before >= inputs:  # a finished run: no model to load, nothing to write
-        rows, errors = 0, 0
-    else:
-        if warning := cpu_shortfall(spec, ray.cluster_resources().get("CPU", 0), resuming=before > 0):
-            print(f"[janus-batch] warning: {warning}", flush=True)
-        rows, errors = write_outputs(prepared, total, before, start, progress_every_s)
-    wall = time.perf_counter() - start
-    summary = dict(
+    if summary["status"] != "succeeded":
+        raise RunIncomplete(
+            f"run {spec.run_id} ended with {inputs - summary['inputs_done']} of {inputs} inputs without output rows: "
+            "rerun it with the same run id to finish it"
+        )
+    return summary
+
+
+def summarize(
+    spec: JobSpec, inputs: int, before: Reconciled, after: Reconciled, started_at: datetime, wall: float
+) -> dict:
+    """summary.json: every count from the run's data (see reconcile_run), not from what the tasks reported."""
+    missing = inputs - len(after.done)
+    written = after.rows - before.rows
+    return dict(
         run_id=spec.run_id,
         kind=spec.kind,
-        status="succeeded",
+        status="succeeded" if missing <= 0 else "incomplete",
         output_dir=spec.run_dir,
         inputs=inputs,
-        expected_rows=total,
-        inputs_committed_before=inputs_before,
-        rows_committed_before=before,
-        rows_written=rows,
-        errors=errors,
+        inputs_done=len(after.done),
+        # An input makes outputs_per_input rows, or one row if it fails.
+        expected_rows=after.rows + max(missing, 0) * spec.outputs_per_input,
+        rows=after.rows,
+        errors=after.errors,
+        inputs_done_before=len(before.done),
+        rows_before=before.rows,
+        rows_written=written,
+        errors_written=after.errors - before.errors,
+        repaired_before=before.describe() or None,
         wall_time_s=round(wall, 3),
-        rows_per_s=round(rows / wall, 3),
+        rows_per_s=round(written / wall, 3),
         started_at=started_at.isoformat(),
         finished_at=datetime.now(timezone.utc).isoformat(),
         spec=spec.public_dump(),
     )
-    write_bytes(join(spec.run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), spec.storage)
-    print(f"[janus-batch] done: {rows} rows ({errors} errors) in {wall:.1f} s -> {spec.run_dir}")
-    return summary
 
 
 def describe_plan(spec: JobSpec) -> str:

@@ -90,11 +90,19 @@ class OutputSpec(Spec):
     )
 
 
+class LeaseSpec(Spec):
+    """One driver per run id at a time (janus_batch.jobs.lease)."""
+
+    wait: bool = Field(False, description="wait for another driver's lease on the run to end, instead of refusing")
+    ttl_s: float = Field(60, ge=3, description="a crashed driver's lease expires after this long (renewed every third)")
+
+
 class JobSpec(Spec):
     model: ModelSpec = Field(default_factory=ModelSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
     storage: StorageConfig = Field(default_factory=StorageConfig)
+    lease: LeaseSpec = Field(default_factory=LeaseSpec)
     run_id: str | None = Field(
         None,
         description="rerun with the same id to resume; {now:STRFTIME} is filled in (UTC) at the start; None: new id",

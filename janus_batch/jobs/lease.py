@@ -1,0 +1,220 @@
+"""One driver per run id at a time: a lease file in the run folder, taken atomically, renewed by a heartbeat.
+
+`OUTPUT/RUN_ID/_lease.json` names its holder and when it expires. A driver takes it before it touches the run's
+files and gives it back when it ends; a crashed driver stops renewing, so its lease expires after `ttl_s` and the
+next driver takes it over. A second driver on a live run refuses (or, with `wait`, waits until it is free).
+
+Taking and renewing are conditional writes, so that of two drivers racing exactly one wins:
+- S3: `PutObject` with `If-None-Match: *` to create, `If-Match: <etag>` to renew or take over an expired lease,
+  `DeleteObject` with `If-Match` to give it back (AWS S3 since 2024, MinIO, moto). A store that ignores these
+  headers would let both writes through: the lease is read back after it is taken, which catches two drivers
+  unless they start within the same fraction of a second.
+- Local (and shared POSIX) folders: create with `O_CREAT | O_EXCL`; an expired lease is taken over by renaming it
+  away first (a rename succeeds for one caller only).
+Expiry is judged by the clocks of the drivers' machines, so they should be kept in sync (NTP).
+"""
+
+from __future__ import annotations
+
+import _thread
+import contextlib
+import json
+import os
+import socket
+import threading
+import time
+import uuid
+from pathlib import Path
+from urllib.parse import urlparse
+
+from janus_batch.io.storage import StorageConfig, is_s3, join
+
+LEASE_FILE = "_lease.json"
+
+
+class LeaseHeld(RuntimeError):
+    """Another driver holds the run's lease."""
+
+
+class RunLease:
+    def __init__(self, run_dir: str, storage: StorageConfig, ttl_s: float):
+        self.uri = join(run_dir, LEASE_FILE)
+        self.ttl_s = ttl_s
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:8]}"
+        self.store = S3Lease(self.uri, storage) if is_s3(run_dir) else LocalLease(Path(self.uri).expanduser())
+        self.stopped = threading.Event()
+        self.heartbeat: threading.Thread | None = None
+
+    def record(self) -> bytes:
+        now = time.time()
+        return json.dumps({"owner": self.owner, "renewed_at": now, "expires_at": now + self.ttl_s}).encode()
+
+    def acquire(self, wait: bool, poll_s: float = 5.0) -> None:
+        """Take the lease, or raise LeaseHeld naming its holder (with `wait`: poll until it is free)."""
+        told = False
+        while True:
+            holder = self.store.take(self.record(), self.owner)
+            if holder is None:
+                break
+            left = holder.get("expires_at", 0) - time.time()
+            message = (
+                f"run {self.uri.rsplit('/', 2)[-2]} is being run by another driver ({holder.get('owner')}; its lease "
+                f"{self.uri} expires in {left:.0f} s unless renewed)"
+            )
+            if not wait:
+                raise LeaseHeld(f"{message}: wait for it to finish, or pass --wait-for-lease")
+            if not told:
+                print(f"[janus-batch] {message}: waiting", flush=True)
+                told = True
+            time.sleep(poll_s)
+        self.heartbeat = threading.Thread(target=self.renew_until_stopped, daemon=True)
+        self.heartbeat.start()
+
+    def renew_until_stopped(self) -> None:
+        """Renew every third of the ttl; a lease that cannot be renewed before it expires stops the driver."""
+        expires = time.time() + self.ttl_s
+        while not self.stopped.wait(self.ttl_s / 3):
+            try:
+                if self.store.renew(self.record()):
+                    expires = time.time() + self.ttl_s
+                    continue
+                reason = "another driver took it over"
+            except OSError as e:  # a storage fault: try again at the next beat while the lease lasts
+                reason = f"cannot renew it: {e}"
+                if time.time() < expires - self.ttl_s / 3:
+                    continue
+            print(f"[janus-batch] lost the lease {self.uri} ({reason}): stopping this driver", flush=True)
+            _thread.interrupt_main()
+            return
+
+    def release(self) -> None:
+        self.stopped.set()
+        if self.heartbeat is not None:
+            self.heartbeat.join()
+            with contextlib.suppress(OSError):
+                self.store.release(self.owner)
+
+    def __enter__(self) -> RunLease:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.release()
+
+
+class LocalLease:
+    def __init__(self, path: Path):
+        self.path = path
+
+    def take(self, record: bytes, owner: str) -> dict | None:
+        """Create the lease, or take over an expired one; the holder's record if it is live."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        while True:
+            try:
+                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
+            except FileExistsError:
+                holder = self.read()
+                if holder is not None and holder["expires_at"] > time.time():
+                    return holder
+                stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
+                with contextlib.suppress(FileNotFoundError):  # another driver renamed it first: try again
+                    os.rename(self.path, stale)
+                    stale.unlink()
+                continue
+            with os.fdopen(fd, "wb") as f:
+                f.write(record)
+            return None
+
+    def read(self) -> dict | None:
+        try:
+            return json.loads(self.path.read_bytes())
+        except (FileNotFoundError, ValueError):  # gone, or half written by its creator: look again
+            return None
+
+    def renew(self, record: bytes) -> bool:
+        holder = self.read()
+        if holder is None or holder["owner"] != json.loads(record)["owner"]:
+            return False
+        temp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
+        temp.write_bytes(record)
+        os.replace(temp, self.path)
+        return True
+
+    def release(self, owner: str) -> None:
+        holder = self.read()
+        if holder is not None and holder["owner"] == owner:
+            self.path.unlink(missing_ok=True)
+
+
+class S3Lease:
+    def __init__(self, uri: str, storage: StorageConfig):
+        import botocore.config
+        import botocore.session
+
+        parsed = urlparse(uri)
+        self.bucket, self.key = parsed.netloc, parsed.path.lstrip("/")
+        options = storage.storage_options()
+        client_kwargs = options.get("client_kwargs", {})
+        self.client = botocore.session.Session(profile=options.get("profile")).create_client(
+            "s3",
+            endpoint_url=client_kwargs.get("endpoint_url"),
+            region_name=client_kwargs.get("region_name"),
+            aws_access_key_id=options.get("key"),
+            aws_secret_access_key=options.get("secret"),
+            aws_session_token=options.get("token"),
+            config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"}),
+        )
+        self.etag: str | None = None
+
+    def put(self, record: bytes, **condition) -> str | None:
+        """The new ETag, or None when the condition failed."""
+        from botocore.exceptions import ClientError
+
+        try:
+            return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=record, **condition)["ETag"]
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+                return None
+            raise OSError(f"lease {self.bucket}/{self.key}: {e}") from None
+
+    def get(self) -> tuple[dict, str] | None:
+        from botocore.exceptions import ClientError
+
+        try:
+            response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+        except ClientError as e:
+            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+                return None
+            raise OSError(f"lease {self.bucket}/{self.key}: {e}") from None
+        return json.loads(response["Body"].read()), response["ETag"]
+
+    def take(self, record: bytes, owner: str) -> dict | None:
+        while True:
+            etag = self.put(record, IfNoneMatch="*")
+            if etag is None:
+                found = self.get()
+                if found is None:
+                    continue  # given back meanwhile
+                holder, held_etag = found
+                if holder["expires_at"] > time.time():
+                    return holder
+                etag = self.put(record, IfMatch=held_etag)  # take over an expired lease
+                if etag is None:
+                    continue
+            found = self.get()  # a store that ignores conditions let another driver's write win
+            if found is None or found[0]["owner"] != owner:
+                return found[0] if found else {"owner": "unknown", "expires_at": time.time()}
+            self.etag = found[1]
+            return None
+
+    def renew(self, record: bytes) -> bool:
+        etag = self.put(record, IfMatch=self.etag)
+        if etag is None:
+            return False
+        self.etag = etag
+        return True
+
+    def release(self, owner: str) -> None:
+        from botocore.exceptions import ClientError
+
+        with contextlib.suppress(ClientError):
+            self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)
