@@ -1,15 +1,21 @@
-"""Janus throughput, in one process: DeepSeek's reference loop, transformers' generate and the janus-batch engine.
+"""Janus throughput, in one process: the janus-batch engine, transformers' generate and DeepSeek's reference loop.
 
 Random weights at the real Janus-Pro dims, built on the device (no downloads), or the tiny model:
 
-    python -m benchmarks.bench --model 7b                 # H100: image synthesis and captioning
+    python -m benchmarks.bench --model 7b                     # GPU: synthesis, captioning, greedy agreement
     python -m benchmarks.bench --model 1b --task generate
-    python -m benchmarks.bench --model tiny --quick       # CPU smoke run (CI); no timing is asserted
+    python -m benchmarks.bench --model tiny --quick           # CPU smoke run: its timings mean nothing
 
-Prints images/s (384x384, 576 tokens, CFG 5, temperature 1, 16 images per prompt), captions/s (576 image tokens
-+ ~30 prompt tokens, 64 new tokens, greedy), ms per decode step, peak memory, the ratio of each to the reference
-and to a memory-bandwidth roofline computed from the bandwidth measured on this device; and the share of greedy
-image tokens the engine makes as the reference loop does (eager, and with CUDA graphs on a GPU).
+`python -m benchmarks.device_check OUT_DIR` runs it for 1B and 7B inside the GPU check's time budget.
+
+Synthesis: 384x384 images, 576 tokens, CFG 5, temperature 1, 16 images per prompt. Captioning: 576 image tokens
++ ~70 prompt tokens, 64 new tokens, greedy. Each row prints items/s, ms per decode step, peak memory and the share
+of a memory-bandwidth roofline computed from the bandwidth measured on this device; the JSON adds the ratios to
+the reference and to transformers at its best batch. The engine runs first (with CUDA graphs on a GPU, then
+eager), one full forward batch after a warm-up batch; then the anchors, kept short: transformers' generate one call
+at its best batch, DeepSeek's loop over its first REFERENCE_STEPS decode steps (launch-bound: each step costs
+about the same). Last, the share of greedy image tokens the engine makes as the reference loop does, beside the
+reference loop against itself at another batch shape.
 """
 
 from __future__ import annotations
@@ -43,14 +49,22 @@ from tests.reference import reference_generate
 
 PROMPT = "A stunning princess from kabul in red, white traditional clothing, blue eyes, brown hair"
 QUESTION = "Describe this image in detail, including the objects, the colours and the mood of the scene."
+# The greedy agreement's prompts: two lengths, so the engine's batch is left-padded.
+AGREEMENT_PROMPTS = [PROMPT, "a red fox"]
+TASKS = ["generate", "caption", "agreement"]
 
-T = TypeVar("T")
-
-# What the 'x ref' column divides by: DeepSeek's loop for synthesis, one image per call for captioning.
+# DeepSeek's loop is timed over its first steps only: ~100 ms a step on an H100, so a whole call is a minute.
+REFERENCE_STEPS = 96
+# What the 'x reference' ratio divides by: DeepSeek's loop for synthesis, one image per call for captioning.
 BASELINES = {"generate": "DeepSeek reference loop", "caption": "transformers generate, 1/call"}
+CAPTION_BASELINE_IMAGES = 2
+# transformers' best batches on an H100 (../shared/DESIGN.md section 3); the tiny model: images_per_prompt.
+HF_BEST_ROWS = {"generate": {"7b": 64, "1b": 128}, "caption": {"7b": 128, "1b": 128}}
 
 # Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
 LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
+
+T = TypeVar("T")
 
 
 def janus_pro_config(size: str) -> JanusConfig:
@@ -114,14 +128,30 @@ def measure_bandwidth(device: torch.device) -> float:
     return 2 * n * 10 / (time.perf_counter() - start)
 
 
+def measure_matmul(device: torch.device, dtype: torch.dtype) -> float:
+    """FLOP/s of a large matrix product in the model's dtype, on random data (zeros run faster)."""
+    n = 8192 if device.type == "cuda" else 512
+    a, b = torch.randn(n, n, device=device, dtype=dtype), torch.randn(n, n, device=device, dtype=dtype)
+    for _ in range(3):
+        a @ b
+    sync(device)
+    start = time.perf_counter()
+    for _ in range(10):
+        a @ b
+    sync(device)
+    return 2 * n**3 * 10 / (time.perf_counter() - start)
+
+
 @dataclass
 class Row:
     task: str
+    kind: str  # "engine CUDA graphs", "engine eager", "transformers" (at its best batch) or "reference"
     impl: str
-    items: int  # images or captions
+    items: float  # images or captions made; a fraction of them when only the first decode steps are timed
     seconds: float
-    peak_gib: float
-    steps: int  # decode steps per item sequence
+    steps: int  # decode steps timed, every batch's counted
+    peak_gib: float  # GPU memory allocated (0 on CPU)
+    peak_reserved_gib: float  # GPU memory the allocator held
 
     @property
     def per_second(self) -> float:
@@ -133,7 +163,14 @@ class Row:
 
 
 def timed(
-    task: str, impl: str, items: int, steps: int, device: torch.device, fn: Callable[[], object], warm_up: bool = True
+    task: str,
+    kind: str,
+    impl: str,
+    items: float,
+    steps: int,
+    device: torch.device,
+    fn: Callable[[], object],
+    warm_up: bool = True,
 ) -> Row:
     if warm_up:
         fn()  # allocator, kernels, lazy initialisation, CUDA graph capture
@@ -144,17 +181,20 @@ def timed(
     fn()
     sync(device)
     seconds = time.perf_counter() - start
-    peak = torch.cuda.max_memory_allocated() / 2**30 if device.type == "cuda" else 0.0
-    return Row(task, impl, items, seconds, peak, steps)
+    cuda = device.type == "cuda"
+    peak = torch.cuda.max_memory_allocated() / 2**30 if cuda else 0.0
+    reserved = torch.cuda.max_memory_reserved() / 2**30 if cuda else 0.0
+    return Row(task, kind, impl, items, seconds, steps, peak, reserved)
 
 
-def attempt(what: str, fn: Callable[..., T], *args) -> T | None:
-    """fn(*args), or None with the error printed: one failing implementation must not cost the others' figures
-    (nothing here has yet run on a GPU)."""
+def attempt(errors: list[str], what: str, fn: Callable[..., T], *args) -> T | None:
+    """fn(*args), or None with the error printed and kept in `errors`: one failing implementation must not cost
+    the others' figures."""
     try:
         return fn(*args)
     except Exception as e:
-        print(f"{what} failed: {type(e).__name__}: {e}")
+        errors.append(f"{what}: {type(e).__name__}: {e}")
+        print(f"{what} failed: {type(e).__name__}: {e}", flush=True)
         return None
 
 
@@ -176,37 +216,56 @@ def generation_roofline(engine: JanusEngine, rows: int, prompt_len: int, bandwid
     return rows / (engine.num_gen_tokens * (weights + kv) / bandwidth)
 
 
-def caption_roofline(engine: JanusEngine, rows: int, prompt_len: int, new_tokens: int, bandwidth: float) -> float:
-    """Captions/s if each decode step only had to read the weights once and the filled KV cache (prefill not
-    counted: it is compute-bound, see RESULTS.md)."""
+def caption_roofline(
+    engine: JanusEngine, rows: int, prompt_len: int, new_tokens: int, bandwidth: float, flops: float
+) -> float:
+    """Captions/s if the prefill ran at the measured matrix-product rate (2 FLOP per weight per token: the
+    decoder over the prompt, the vision tower over the image's patches; attention is ~2% more) and each decode
+    step only had to read the weights once and the filled KV cache at the measured bandwidth."""
+    model = engine.model.model
+    vision = sum(p.numel() for p in model.vision_model.parameters()) + sum(
+        p.numel() for p in model.aligner.parameters()
+    )
+    layers = decoder_bytes(engine) // engine.dtype.itemsize
+    prefill = 2 * (layers * prompt_len + vision * engine.num_image_tokens) / flops
     weights = decoder_bytes(engine) + weight_bytes(engine.model.lm_head)
     kv = rows * decoder.bytes_per_slot(engine.lm, engine.dtype) * (prompt_len + new_tokens / 2)
-    return rows / (new_tokens * (weights + kv) / bandwidth)
+    return rows / (rows * prefill + new_tokens * (weights + kv) / bandwidth)
 
 
-def bench_generate(
-    engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int, device
-) -> Iterator[Row | None]:
-    """The synthesis rows, each yielded as soon as it is measured (None: that implementation failed)."""
-    model, n = engine.model, engine.num_gen_tokens
+# A measurement: (what it is, the function that measures it). The plans below are generators, so what runs
+# between two measurements (releasing the KV cache) runs in order, and a failure costs one row only.
+Measurement = tuple[str, Callable[[], Row]]
+
+
+def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
+    """(name, cuda_graphs) of the engine's modes: on a GPU with CUDA graphs, then eager; eager alone on CPU.
+    One engine, one KV cache: a second engine would plan its cache in what the first one left."""
+    return [("CUDA graphs", True), ("eager", False)] if engine.device.type == "cuda" else [("eager", False)]
+
+
+def engine_rows(engine: JanusEngine, task: str, items: int, steps: int, per_batch: int, run) -> Iterator[Measurement]:
+    """The engine's rows of a task: the first mode after a warm-up run of the same batches (kernels, KV cache
+    allocation, graph capture); eager after it needs none (the same kernels and cache, no capture)."""
+    for i, (mode, graphs) in enumerate(engine_modes(engine)):
+        engine.cuda_graphs = graphs  # a measurement runs before its plan resumes
+        impl = f"janus-batch engine, {mode}, {per_batch}/batch"
+        yield impl, partial(timed, task, f"engine {mode}", impl, items, steps, engine.device, run, i == 0)
+
+
+def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int) -> Iterator[Measurement]:
+    model, n, device = engine.model, engine.num_gen_tokens, engine.device
     ids = engine.encode(generation_prompt(PROMPT))
+    batch = [PROMPT + f" #{i}" for i in range(prompts)]
+    images = prompts * images_per_prompt
+    per_batch = engine.batch_size(images, 2, len(ids) + n)
+    run = partial(engine.generate_images, batch, images_per_prompt=images_per_prompt)
+    yield from engine_rows(engine, "generate", images, n * -(-images // per_batch), per_batch, run)
     engine.release_kv()  # the engine's KV cache takes most of the GPU
-    impl = f"{BASELINES['generate']}, {images_per_prompt}/call"
-    yield attempt(
-        impl,
-        timed,
-        "generate",
-        impl,
-        images_per_prompt,
-        n,
-        device,
-        lambda: reference_generate(model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0),
-        False,  # no warm-up: launch-bound for a minute on a GPU, a warm-up would change nothing but the wait
-    )
+
     input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
 
     def hf_generate():
-        engine.release_kv()  # the engine's KV cache takes most of the GPU
         model.generate(
             input_ids=input_ids,
             attention_mask=torch.ones_like(input_ids),
@@ -223,24 +282,65 @@ def bench_generate(
         engine.decode_image_tokens(torch.zeros((hf_rows, n), dtype=torch.long))  # same VQ work as the others
 
     impl = f"transformers generate, {hf_rows}/call"
-    yield attempt(impl, timed, "generate", impl, hf_rows, n, device, hf_generate)
-    batch = [PROMPT + f" #{i}" for i in range(prompts)]
-    images = prompts * images_per_prompt
-    per_batch = engine.batch_size(images, 2, len(ids) + n)
-    for mode, graphs in engine_modes(engine):
-        engine.cuda_graphs = graphs
-        impl = f"janus-batch engine, {mode}, {per_batch}/batch"
-        run = partial(engine.generate_images, batch, images_per_prompt=images_per_prompt)
-        yield attempt(impl, timed, "generate", impl, images, n * -(-images // per_batch), device, run)
+    # No warm-up: the engine's rows have warmed the process up, and one call takes 15 s on an H100.
+    yield impl, partial(timed, "generate", "transformers", impl, hf_rows, n, device, hf_generate, False)
+    steps = min(REFERENCE_STEPS, n)
+    impl = f"{BASELINES['generate']}, {images_per_prompt}/call" + (f", first {steps} of {n} steps" if steps < n else "")
+    reference = partial(reference_generate, model, ids, engine.pad_id, images_per_prompt, 5.0, 1.0, steps=steps)
+    # images_per_prompt x steps / n: the images' worth of decoding timed (launch-bound, no warm-up needed).
+    yield (
+        impl,
+        partial(timed, "generate", "reference", impl, images_per_prompt * steps / n, steps, device, reference, False),
+    )
 
 
-def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
-    """(name, cuda_graphs) of the engine's modes: eager, and on a GPU also with CUDA graphs. One engine, one
-    KV cache: a second engine would plan its cache in what the first one left."""
-    return [("eager", False), ("CUDA graphs", True)] if engine.device.type == "cuda" else [("eager", False)]
+def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int) -> Iterator[Measurement]:
+    model, device = engine.model, engine.device
+    rng = np.random.default_rng(0)
+    distinct = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(8)]
+    prepared = [engine.prepare_image(im) for im in distinct]
+    pixels = [prepared[i % len(prepared)] for i in range(max(images, hf_rows))]
+    prompt = engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt))
+
+    def hf_caption(batch: int, count: int):
+        def run():
+            for start in range(0, count, batch):
+                n = min(batch, count - start)
+                ids = torch.tensor([prompt] * n, device=device)
+                model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    pixel_values=normalize(torch.from_numpy(np.stack(pixels[start : start + n])).to(device)).to(
+                        engine.dtype
+                    ),
+                    max_new_tokens=new_tokens,
+                    min_new_tokens=new_tokens,  # random weights: keep every row to the same length
+                    do_sample=False,
+                    generation_mode="text",
+                )
+
+        return run
+
+    per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
+    run = partial(engine.understand, pixels[:images], [QUESTION] * images, max_new_tokens=new_tokens)
+    eos = engine.eos_id
+    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
+    try:
+        yield from engine_rows(engine, "caption", images, new_tokens * -(-images // per_batch), per_batch, run)
+    finally:
+        engine.eos_id = eos
+        engine.release_kv()  # its CUDA graphs were captured with no EOS; the KV cache takes most of the GPU
+    impl = f"transformers generate, {hf_rows}/call"
+    yield (
+        impl,
+        partial(timed, "caption", "transformers", impl, hf_rows, new_tokens, device, hf_caption(hf_rows, hf_rows)),
+    )
+    one = CAPTION_BASELINE_IMAGES
+    impl = BASELINES["caption"]
+    yield impl, partial(timed, "caption", "reference", impl, one, new_tokens * one, device, hf_caption(1, one))
 
 
-def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, dict | None]:
+def greedy_agreement(engine: JanusEngine, prompts: list[str], errors: list[str]) -> dict[str, dict | None]:
     """Greedy image tokens against DeepSeek's reference loop on the same model, one image per prompt (prompts of
     different lengths share the engine's batch): per engine mode, the share of equal tokens and the step of each
     image's first difference. In bf16 a kernel's rounding can flip a near tie, and the image goes another way
@@ -253,7 +353,7 @@ def greedy_agreement(engine: JanusEngine, prompts: list[str]) -> dict[str, dict 
     agreement = {"reference, 2/call": compare_tokens(again, want[:1])}
     for mode, graphs in engine_modes(engine):
         engine.cuda_graphs = graphs
-        got = attempt(f"engine, {mode}", engine.generate_image_tokens, ids, [0] * len(ids), 5.0, 0.0)
+        got = attempt(errors, f"engine, {mode}", engine.generate_image_tokens, ids, [0] * len(ids), 5.0, 0.0)
         agreement[mode] = None if got is None else compare_tokens(got.cpu(), want)
     return agreement
 
@@ -271,63 +371,60 @@ def describe_agreement(name: str, result: dict | None) -> str:
     return f"{name} {100 * result['share']:.2f}% (first difference at step: {steps})"
 
 
-def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int, device) -> Iterator[Row | None]:
-    """The captioning rows, each yielded as soon as it is measured (None: that implementation failed)."""
-    model = engine.model
-    rng = np.random.default_rng(0)
-    pil = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(images)]
-    pixels = np.stack([engine.prepare_image(im) for im in pil])
-    prompt = engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt))
+def memory_plan(engine: JanusEngine) -> dict[str, float | int | None]:
+    """The planner's budget on this GPU (every value None on CPU, where there is none): the engine's share of
+    the card, what it holds as weights, the KV cache it planned and the workspace it allowed for."""
+    plan = dict.fromkeys(
+        ["gpu_total_gib", "budget_gib", "weights_gib", "kv_cache_gib", "workspace_estimate_gib", "kv_slots_planned"]
+    )
+    if engine.device.type != "cuda":
+        return plan
+    gib = 2**-30
+    total = torch.cuda.mem_get_info(engine.device)[1]
+    slots = engine.kv_capacity()
+    plan.update(
+        gpu_total_gib=total * gib,
+        budget_gib=engine.gpu_memory_utilization * total * gib,
+        weights_gib=weight_bytes(engine.model) * gib,
+        kv_cache_gib=slots * decoder.bytes_per_slot(engine.lm, engine.dtype) * gib,
+        workspace_estimate_gib=engine.workspace_bytes(slots) * gib,
+        kv_slots_planned=slots,
+    )
+    return plan
 
-    def hf_caption(batch: int, count: int):
-        def run():
-            engine.release_kv()  # the engine's KV cache takes most of the GPU
-            for start in range(0, count, batch):
-                n = min(batch, count - start)
-                ids = torch.tensor([prompt] * n, device=device)
-                model.generate(
-                    input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
-                    pixel_values=normalize(torch.from_numpy(pixels[start : start + n]).to(device)).to(engine.dtype),
-                    max_new_tokens=new_tokens,
-                    min_new_tokens=new_tokens,  # random weights: keep every row to the same length
-                    do_sample=False,
-                    generation_mode="text",
-                )
 
-        return run
-
-    one = min(images, 4)
-    impl = BASELINES["caption"]
-    yield attempt(impl, timed, "caption", impl, one, new_tokens * one, device, hf_caption(1, one))
-    impl = f"transformers generate, {hf_rows}/call"
-    steps = new_tokens * -(-images // hf_rows)
-    yield attempt(impl, timed, "caption", impl, images, steps, device, hf_caption(hf_rows, images))
-    eos = engine.eos_id
-    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
-    per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
-    try:
-        for mode, graphs in engine_modes(engine):
-            engine.cuda_graphs = graphs
-            impl = f"janus-batch engine, {mode}, {per_batch}/batch"
-            run = partial(engine.understand, list(pixels), [QUESTION] * images, max_new_tokens=new_tokens)
-            steps = new_tokens * -(-images // per_batch)
-            yield attempt(impl, timed, "caption", impl, images, steps, device, run)
-    finally:
-        engine.eos_id = eos
-        engine.release_kv()  # its CUDA graphs were captured with no EOS
+def with_ratios(rows: list[Row], rooflines: dict[str, float]) -> list[dict]:
+    """The rows as JSON, each with its share of the roofline and its ratios to the reference and to
+    transformers (None until that baseline is measured)."""
+    baselines = {(r.task, r.kind): r.per_second for r in rows if r.kind in ("reference", "transformers")}
+    out = []
+    for r in rows:
+        reference, hf = baselines.get((r.task, "reference")), baselines.get((r.task, "transformers"))
+        out.append(
+            asdict(r)
+            | {
+                "per_second": r.per_second,
+                "ms_per_step": r.ms_per_step,
+                "roofline": rooflines[r.task],
+                "roofline_share": r.per_second / rooflines[r.task],
+                "x_reference": r.per_second / reference if reference else None,
+                "x_transformers": r.per_second / hf if hf else None,
+            }
+        )
+    return out
 
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
-    parser.add_argument("--task", choices=["generate", "caption", "all"], default="all")
+    parser.add_argument("--task", nargs="+", choices=TASKS, default=TASKS, help="what to run (agreement last)")
     parser.add_argument("--rows", type=int, default=None, help="engine max_batch_rows (default: GPU memory; 16 CPU)")
-    parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (default: 2 batches)")
-    parser.add_argument("--captions", type=int, default=None, help="images captioned (default: 2 engine batches)")
+    parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (default: 1 batch)")
+    parser.add_argument("--captions", type=int, default=None, help="images captioned (default: 1 engine batch)")
     parser.add_argument("--hf-rows", type=int, default=None, help="images per transformers call (default: its best)")
+    parser.add_argument("--agreement-prompts", type=int, choices=[1, 2], default=2, help="prompts compared greedy")
     parser.add_argument("--quick", action="store_true", help="small runs (and the 64 px tiny model) for a smoke test")
-    parser.add_argument("--json", default=None, help="also write the rows to this JSON file")
+    parser.add_argument("--json", default=None, help="also write everything measured to this JSON file")
     args = parser.parse_args(argv)
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
@@ -336,68 +433,104 @@ def main(argv: list[str] | None = None) -> None:
     new_tokens = 8 if args.quick else 64
 
     transformers.logging.set_verbosity_error()
+    start = time.perf_counter()
     model, processor = build_model(args.model, device, dtype, args.quick)
     engine = JanusEngine(model, processor, max_batch_rows=args.rows or (None if device.type == "cuda" else 16))
-    bandwidth = measure_bandwidth(device)
+    bandwidth, flops = measure_bandwidth(device), measure_matmul(device, dtype)
     prompt_len = len(engine.encode(generation_prompt(PROMPT)))
     caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
     image_batch = engine.batch_limit(2, prompt_len + engine.num_gen_tokens)
     caption_batch = engine.batch_limit(1, caption_len + new_tokens)
-    # Two full batches at most: one image more would split the run into three smaller batches.
-    prompts = args.prompts or (2 if args.quick else max(1, 2 * image_batch // images_per_prompt))
-    captions = args.captions or (4 if args.quick else 2 * caption_batch)
-    # transformers' best batches on an H100 (../shared/DESIGN.md section 3): 64 images/call for 7B, 128 for 1B.
-    hf_rows = args.hf_rows or {"7b": 64, "1b": 128}.get(args.model, images_per_prompt)
-    kv = engine.kv_capacity()
+    # One full batch at most: one image more would split the run into two smaller batches.
+    prompts = args.prompts or (2 if args.quick else max(1, image_batch // images_per_prompt))
+    captions = args.captions or (4 if args.quick else caption_batch)
+    hf_rows = {task: args.hf_rows or best.get(args.model, images_per_prompt) for task, best in HF_BEST_ROWS.items()}
+    hf_rows["caption"] = min(hf_rows["caption"], captions)
+    device_name = torch.cuda.get_device_name() if device.type == "cuda" else platform.processor() or "cpu"
     print(
-        f"device {torch.cuda.get_device_name() if device.type == 'cuda' else platform.processor() or 'cpu'}, "
-        f"torch {torch.__version__}, transformers {transformers.__version__}, model {args.model} ({dtype}), "
-        f"measured bandwidth {bandwidth / 1e12:.2f} TB/s"
+        f"device {device_name}, torch {torch.__version__}, transformers {transformers.__version__}, "
+        f"model {args.model} ({dtype}) built in {time.perf_counter() - start:.1f} s, "
+        f"measured bandwidth {bandwidth / 1e12:.2f} TB/s, matrix products {flops / 1e12:.0f} TFLOP/s"
     )
-    if kv is not None:
-        gib = kv * decoder.bytes_per_slot(engine.lm, dtype) / 2**30
-        print(f"KV cache {kv} slots ({gib:.1f} GiB): up to {image_batch} images or {caption_batch} captions a batch")
+    memory = memory_plan(engine)
+    if memory["kv_slots_planned"] is not None:
+        print(
+            f"KV cache {memory['kv_slots_planned']} slots ({memory['kv_cache_gib']:.1f} GiB) beside "
+            f"{memory['weights_gib']:.1f} GiB of weights, budget {memory['budget_gib']:.1f} GiB of "
+            f"{memory['gpu_total_gib']:.1f}: up to {image_batch} images or {caption_batch} captions a batch"
+        )
 
-    agreement = {}
-    tasks = []  # (rows as they are measured, roofline); generators: nothing runs until the table is printed
-    if args.task in ("generate", "all"):
-        agreement = attempt("greedy agreement", greedy_agreement, engine, [PROMPT, "a red fox"]) or {}
-        print("greedy image tokens equal to the reference loop's (1/call):")
-        for name, result in agreement.items():
-            print(f"  {describe_agreement(name, result)}")
-        roof = generation_roofline(engine, image_batch, prompt_len, bandwidth)
-        tasks.append((bench_generate(engine, prompts, images_per_prompt, hf_rows, device), roof))
-    if args.task in ("caption", "all"):
-        roof = caption_roofline(engine, caption_batch, caption_len, new_tokens, bandwidth)
-        tasks.append((bench_caption(engine, captions, min(hf_rows, captions), new_tokens, device), roof))
-
-    # Each row is printed (and the JSON rewritten) as soon as it is measured: a run cut short keeps what it has.
-    print(f"{'task':9} {'implementation':42} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'x ref':>7} {'% roof':>7}")
-    results: list[tuple[Row, float]] = []
-    reference: dict[str, float] = {}
+    # The rooflines at the forward batch the engine runs.
+    image_rows = engine.batch_size(prompts * images_per_prompt, 2, prompt_len + engine.num_gen_tokens)
+    caption_rows = engine.batch_size(captions, 1, caption_len + new_tokens)
+    rooflines = {
+        "generate": generation_roofline(engine, image_rows, prompt_len, bandwidth),
+        "caption": caption_roofline(engine, caption_rows, caption_len, new_tokens, bandwidth, flops),
+    }
+    errors: list[str] = []
+    rows: list[Row] = []
+    result = {
+        "device": device_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": args.model,
+        "dtype": str(dtype),
+        "bandwidth_tb_s": bandwidth / 1e12,
+        "matmul_tflop_s": flops / 1e12,
+        "rooflines": rooflines,
+        "memory": memory | {"kv_slots_after": None},
+        "rows": [],
+        "greedy_token_agreement": None,
+        "errors": errors,
+    }
 
     def write_json() -> None:
+        # Rewritten at every row: a run cut short keeps what it has.
         if args.json:
-            rows_out = [asdict(r) | {"per_second": r.per_second, "roofline": ro} for r, ro in results]
+            result["rows"] = with_ratios(rows, rooflines)
             with open(args.json, "w") as f:
-                json.dump({"rows": rows_out, "greedy_token_agreement": agreement}, f, indent=1)
+                json.dump(result, f, indent=1)
 
+    plans = {
+        "generate": lambda: bench_generate(engine, prompts, images_per_prompt, hf_rows["generate"]),
+        "caption": lambda: bench_caption(engine, captions, hf_rows["caption"], new_tokens),
+    }
     write_json()
-    for rows, roof in tasks:
-        for row in rows:
-            if row is None:
-                continue
-            if row.impl.startswith(BASELINES[row.task]):
-                reference[row.task] = row.per_second
-            ratio = f"{row.per_second / reference[row.task]:7.1f}" if row.task in reference else "      -"
-            print(
-                f"{row.task:9} {row.impl:42} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
-                f"{ratio} {100 * row.per_second / roof:6.1f}%",
-                flush=True,
-            )
-            results.append((row, roof))
+    row_tasks = [task for task in ("generate", "caption") if task in args.task]
+    if row_tasks:
+        print(f"{'task':9} {'implementation':52} {'items/s':>9} {'ms/step':>8} {'peak GiB':>8} {'% roof':>7}")
+    for task in row_tasks:
+        for what, measure in plans[task]():
+            row = attempt(errors, what, measure)
+            if row is not None:
+                rows.append(row)
+                print(
+                    f"{row.task:9} {row.impl:52} {row.per_second:9.2f} {row.ms_per_step:8.2f} {row.peak_gib:8.1f} "
+                    f"{100 * row.per_second / rooflines[task]:6.1f}%",
+                    flush=True,
+                )
+            # Below the plan: never out of memory at the planned batch (an OOM retry cuts the KV cache).
+            result["memory"]["kv_slots_after"] = engine.kv_cache_tokens
             write_json()
-    print("rooflines (items/s): " + ", ".join(sorted({f"{r.task} {roof:.1f}" for r, roof in results})))
+    for row in with_ratios(rows, rooflines):
+        if row["kind"].startswith("engine"):
+            ratios = [f"{row[k]:.1f}x {k[2:]}" for k in ("x_reference", "x_transformers") if row[k] is not None]
+            print(
+                f"{row['task']} {row['impl']}: "
+                + ", ".join(ratios + [f"{100 * row['roofline_share']:.0f}% of roofline"])
+            )
+
+    if "agreement" in args.task:
+        prompts_compared = AGREEMENT_PROMPTS[: args.agreement_prompts]
+        result["greedy_token_agreement"] = attempt(
+            errors, "greedy agreement", greedy_agreement, engine, prompts_compared, errors
+        )
+        print(f"greedy image tokens equal to the reference loop's (1/call, {len(prompts_compared)} prompts):")
+        for name, line in (result["greedy_token_agreement"] or {}).items():
+            print(f"  {describe_agreement(name, line)}")
+        write_json()
+    if errors:
+        raise SystemExit(f"{len(errors)} measurement(s) failed: " + "; ".join(errors))
 
 
 if __name__ == "__main__":

@@ -19,14 +19,15 @@ import sys
 import time
 from pathlib import Path
 
-import torch
-
-from benchmarks.bench import PROMPT, build_model
-
 IMAGES_PER_PROMPT = 16
 
 
+# torch and the model are imported in the processes that use them: the parent only starts them and keeps time.
 def write_checkpoint(size: str, out: Path, quick: bool) -> None:
+    import torch
+
+    from benchmarks.bench import build_model
+
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
     model, processor = build_model(size, device, dtype, quick)
@@ -48,6 +49,9 @@ def drop_from_page_cache(directory: Path) -> None:
 def first_batch(source: str) -> dict:
     """What the child process times: load the engine, then make one forward batch of images (as many as its KV
     cache holds: on a GPU, planning the cache is part of the first batch)."""
+    import torch
+
+    from benchmarks.bench import PROMPT
     from janus_batch.engine import JanusEngine
     from janus_batch.engine.engine import generation_prompt
 

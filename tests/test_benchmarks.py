@@ -1,59 +1,161 @@
-"""The benchmark runs end to end on CPU with the tiny model (a smoke test: no timing is asserted)."""
+"""The GPU check (benchmarks/device_check.py) runs end to end on CPU with the tiny model: every part runs and its
+JSON has every field (a smoke test: no timing is asserted); the bench's and the cold start's own figures; and the
+check's budget, failure and target logic."""
 
 from __future__ import annotations
 
 import json
 import subprocess
 import sys
+import time
 from pathlib import Path
 
+import pytest
+
+from benchmarks import device_check
 from janus_batch.engine.engine import CPU_BATCH_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 
+# The bench drives transformers' generate and builds Janus configs: both move between transformers releases.
+pytestmark = pytest.mark.compat
 
-def test_benchmark_smoke_run(tmp_path):
-    out = tmp_path / "rows.json"
-    subprocess.run(
-        # 8 images at 4 a batch: the engine's synthesis rows run two batches.
-        [sys.executable, "-m", "benchmarks.bench", "--model", "tiny", "--quick", "--rows", "4", "--json", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    result = json.loads(out.read_text())
-    rows = result["rows"]
-    impls = {(r["task"], r["impl"].split(",")[0]) for r in rows}
-    assert impls == {
-        ("generate", "DeepSeek reference loop"),
-        ("generate", "transformers generate"),
-        ("generate", "janus-batch engine"),
-        ("caption", "transformers generate"),
-        ("caption", "janus-batch engine"),
+ROW_FIELDS = {
+    "task",
+    "kind",
+    "impl",
+    "items",
+    "seconds",
+    "steps",
+    "peak_gib",
+    "peak_reserved_gib",
+    "per_second",
+    "ms_per_step",
+    "roofline",
+    "roofline_share",
+    "x_reference",
+    "x_transformers",
+    "model",
+    "targets",
+    "meets",
+}
+MEMORY_FIELDS = {
+    "gpu_total_gib",
+    "budget_gib",
+    "weights_gib",
+    "kv_cache_gib",
+    "workspace_estimate_gib",
+    "kv_slots_planned",
+    "kv_slots_after",
+    "peak_gib",
+    "peak_reserved_gib",
+    "peak_share_of_budget",
+    "within_budget",
+    "kv_cut",
+}
+
+
+@pytest.fixture(scope="module")
+def check(tmp_path_factory) -> tuple[Path, Path]:
+    """One run of the whole check on the tiny model: (its output directory, its work directory)."""
+    base = tmp_path_factory.mktemp("device-check")
+    out, work = base / "out", base / "work"
+    command = [sys.executable, "-m", "benchmarks.device_check", str(out), "--tiny", "--work-dir", str(work)]
+    subprocess.run(command, cwd=ROOT, check=True, timeout=600)
+    return out, work
+
+
+def test_device_check_runs_every_part_and_writes_every_field(check):
+    out, _ = check
+    summary = json.loads((out / "device_check.json").read_text())
+    parts = summary["parts"]
+    assert {name: part["status"] for name, part in parts.items()} == dict.fromkeys(device_check.part_names(True), "ok")
+    assert all(part["seconds"] >= 0 and part["error"] is None for part in parts.values())
+    log = (out / "device_check.log").read_text()
+    for name in parts:
+        assert f"== {name}: ok in " in log  # each part's elapsed time
+    assert summary["tests"]["failed"] == 0 and summary["tests"]["skipped"] > 0  # no GPU here: skipped, not failed
+
+    (bench,) = summary["bench"].values()
+    assert bench["errors"] == [] and bench["bandwidth_tb_s"] > 0
+    for row in bench["rows"]:
+        assert set(row) == ROW_FIELDS
+        assert row["x_reference"] > 0 and row["x_transformers"] > 0 and row["roofline_share"] > 0
+    assert set(summary["memory"]["tiny"]) == MEMORY_FIELDS  # their values are None on CPU: no planner budget
+    agreement = summary["agreement"]
+    assert set(agreement["lines"]) == {"reference, 2/call", "eager"} and agreement["within_calibration"] == {
+        "eager": True
+    }
+    cold = summary["cold_start"]
+    assert set(cold) == {"load_s", "first_batch_s", "images", "total_s", "start_s", "target_s", "meets"}
+    # Every file comes back from the device tool, which brings back 8 at most.
+    assert sorted(p.name for p in out.iterdir()) == [
+        "agreement-tiny.json",
+        "bench-tiny.json",
+        "cold-start-tiny.json",
+        "device_check.json",
+        "device_check.log",
+    ]
+
+
+def test_bench_rows_and_greedy_agreement(check):
+    out, _ = check
+    rows = json.loads((out / "bench-tiny.json").read_text())["rows"]
+    assert {(r["task"], r["kind"]) for r in rows} == {
+        (task, kind) for task in ("generate", "caption") for kind in ("engine eager", "transformers", "reference")
     }
     assert all(r["per_second"] > 0 and r["roofline"] > 0 for r in rows)
     # ms/step divides by every decode step timed: 16 tokens an image (64 px), in each of the two batches.
-    (engine,) = [r for r in rows if r["task"] == "generate" and r["impl"].startswith("janus-batch engine")]
+    (engine,) = [r for r in rows if r["task"] == "generate" and r["kind"] == "engine eager"]
     assert engine["impl"].endswith("4/batch") and engine["steps"] == 2 * 16
     # In float32 on the CPU the engine's greedy tokens are the reference loop's, every one (no CUDA graphs here),
     # and the reference loop's do not depend on its batch.
-    assert result["greedy_token_agreement"] == {
+    assert json.loads((out / "agreement-tiny.json").read_text())["greedy_token_agreement"] == {
         "reference, 2/call": {"share": 1.0, "first_difference": [None]},
         "eager": {"share": 1.0, "first_difference": [None, None]},
     }
 
 
-def test_cold_start_smoke_run(tmp_path):
-    out = tmp_path / "cold.json"
-    checkpoint = tmp_path / "checkpoint"
-    subprocess.run(
-        [sys.executable, "-m", "benchmarks.cold_start", "--model", "tiny", "--quick", "--dir", str(checkpoint)]
-        + ["--json", str(out)],
-        cwd=ROOT,
-        check=True,
-        timeout=300,
-    )
-    result = json.loads(out.read_text())
-    assert (checkpoint / "model.safetensors").exists()  # a real checkpoint, loaded back by the child process
+def test_cold_start(check):
+    out, work = check
+    result = json.loads((out / "cold-start-tiny.json").read_text())
+    assert (work / "janus-tiny-random" / "model.safetensors").exists()  # a real checkpoint, loaded back by the child
     assert result["images"] == CPU_BATCH_ROWS  # one forward batch: 4 prompts x 16 images
     assert result["total_s"] >= result["load_s"] + result["first_batch_s"] > 0
+
+
+def test_a_part_that_fails_shows_its_error_and_one_past_its_time_is_stopped():
+    lines: list[str] = []
+    fails = [sys.executable, "-c", "print('measured 1 row', flush=True); raise SystemExit('boom: out of memory')"]
+    status, error = device_check.run_part(fails, 60, lines.append)
+    assert status == "failed" and "boom: out of memory" in error and lines[0] == "measured 1 row"
+
+    start = time.monotonic()
+    hangs = [sys.executable, "-c", "print('first row', flush=True); import time; time.sleep(60)"]
+    assert device_check.run_part(hangs, 2, lines.append) == ("cut", None)
+    assert time.monotonic() - start < 30 and lines[-1] == "first row"  # what it printed before is kept
+
+
+def test_parts_that_do_not_fit_the_budget_are_skipped_saying_so(tmp_path):
+    # No time left: every part that runs on the device is skipped; the memory part (no device time) still runs.
+    device_check.main([str(tmp_path), "--tiny", "--budget", "0", "--parts", "bench-tiny", "memory"])
+    parts = json.loads((tmp_path / "device_check.json").read_text())["parts"]
+    assert [parts[n]["status"] for n in ("tests", "bench-tiny", "memory")] == ["not run", "skipped", "ok"]
+    assert (
+        "== bench-tiny: skipped, it needs ~0 s and 0 s of the budget are left"
+        in (tmp_path / "device_check.log").read_text()
+    )
+    assert "--parts bench-tiny" in (tmp_path / "device_check.log").read_text()  # the command to run it again
+
+
+def test_figures_beside_their_targets_and_memory_against_the_budget():
+    row = {"task": "generate", "kind": "engine CUDA graphs", "impl": "janus-batch engine, CUDA graphs, 80/batch"}
+    row |= {"per_second": 9.0, "roofline_share": 0.9, "x_reference": 25.0, "x_transformers": None, "peak_gib": 60}
+    bench = {"rows": [row | {"peak_reserved_gib": 75.0}], "memory": {"budget_gib": 71.7, "kv_slots_planned": 100}}
+    bench["memory"]["kv_slots_after"] = 80
+    (figure,) = device_check.bench_figures("7b", bench)
+    assert figure["meets"] == {"roofline_share": True, "x_reference": False}  # transformers not measured: no verdict
+    line = device_check.describe_figure(figure)
+    assert "90% of roofline (target 85%: met)" in line and "25.0x reference (target 30.0x: MISSED)" in line
+    memory = device_check.memory_check(bench)
+    assert memory["within_budget"] is False and memory["kv_cut"] is True and memory["peak_share_of_budget"] > 1
