@@ -15,24 +15,45 @@ One replica holds one model (on one GPU when num_gpus > 0). Concurrent requests 
 run as one engine call (one for understanding, one for generation); requests whose sampling options differ are
 split into separate engine calls within a batch, since the engine takes one set of options per call. Everything a
 request can get wrong is checked before it joins a batch, so a bad request never fails its neighbours.
+
+Exposing it:
+- Auth: with a token configured (`auth_token_env`, `auth_token_file` or `auth_token`), every route but /healthz,
+  /docs and /openapi.json included, needs `Authorization: Bearer <token>` (else 401, before any body is read).
+  The replica learns the bind host from the running Serve instance (`http_options.host`, e.g. `serve run --host`
+  or a config's `http_options`): on anything but a loopback address it refuses to start without a token.
+- Bodies: each route takes at most what its limits allow (/v1/generate: its prompts, about 1 MB by default;
+  /v1/caption and /v1/vqa: their images, 225 MB by default), refused with 413; a body must arrive within
+  `body_timeout_s` (408). No lock is held while a body arrives; bodies held at once are bounded by
+  `max_buffered_bytes` (503 with Retry-After beyond). Parsing and image decoding run in threads.
+- output_uri: checked as the target filesystem will read it (no `?`, `#`, `::`, backslash, control character,
+  empty / `.` / `..` segment, or over-long segment: 422), under an allowed prefix (403); each request writes a
+  new folder (a random name) and never replaces an object. A target under an existing file is a 409.
+- Nothing returned names a server path, the allowed prefixes or a credential: `model` is the last component of
+  the model's name; `storage_options` and the token are masked in reprs and validation errors.
 """
 
 import asyncio
 import base64
+import contextlib
+import hmac
 import io
+import ipaddress
 import itertools
+import os
 import uuid
 from collections import Counter
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import fsspec
 import numpy as np
 import torch
 from fastapi import FastAPI, HTTPException, Request
+from fastapi.responses import JSONResponse
 from PIL import Image
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Secret, SecretStr, ValidationError, model_validator
 from ray import serve
 from ray.serve import Application
 
@@ -41,19 +62,33 @@ from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, memory_share
 from janus_batch.model.tiny import ensure_tiny_model
 
 MAX_TEXT_CHARS = 8192  # any prompt, question or instruction; the token limit is checked against the model
-# JSON around the images: the request body may be this much larger than its base64 images.
-BODY_SLACK_BYTES = 2**20
+# Request bodies are limited per route to what its limits allow: base64 images, texts of MAX_TEXT_CHARS (a
+# character outside the BMP is 12 bytes as a JSON escape pair, \uXXXX\uXXXX), and this much for the rest.
+JSON_BYTES_PER_CHAR = 12
+BODY_SLACK_BYTES = 2**16
+# output_uri: S3 keys stop at 1024 bytes and the request folder and file name add 45; a local file name at 255.
+MAX_OUTPUT_PATH_BYTES = 960
+MAX_SEGMENT_BYTES = 255
+MIN_TOKEN_CHARS = 16
+OPEN_PATHS = ("/healthz",)  # no token needed: load balancers and Kubernetes probes call it
 DEFAULT_NEW_TOKENS = 128  # for understanding requests that do not say, capped by the server's max_new_tokens
 
 
 class ServeArgs(BaseModel):
     """Application builder arguments (`serve run janus_batch.serve:build_app key=value`, or `args:` in a config)."""
 
-    model_config = ConfigDict(extra="forbid")
+    # Errors never echo the input: it may hold credentials.
+    model_config = ConfigDict(extra="forbid", hide_input_in_errors=True)
 
     model: str | None = Field(None, description="HF id, local dir or s3:// prefix; None: the embedded tiny model")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
-    storage_options: dict[str, Any] = Field(default_factory=dict, description="fsspec options for s3:// I/O")
+    storage_options: Secret[dict[str, Any]] = Field(
+        default_factory=lambda: Secret({}), description="fsspec options for s3:// I/O; masked in reprs"
+    )
+    # Bearer-token auth: on whenever a token is configured, which it must be when Serve binds a non-loopback host.
+    auth_token: SecretStr | None = Field(None, description="the token itself (prefer auth_token_env or _file)")
+    auth_token_env: str | None = Field(None, description="an environment variable of the replicas that holds it")
+    auth_token_file: str | None = Field(None, description="a file on the replicas' nodes that holds it")
     # Replicas: one model each; on a GPU when num_gpus > 0.
     num_gpus: float = Field(0, ge=0)
     num_cpus: float = Field(1, gt=0, description="per replica; also how many image requests it decodes at once")
@@ -83,11 +118,22 @@ class ServeArgs(BaseModel):
     allowed_output_prefixes: list[str] = Field(
         default_factory=list, description="output_uri must lie under one of these; empty: output_uri refused"
     )
+    body_timeout_s: float = Field(30, gt=0, description="a request body must have arrived within this; else 408")
+    max_buffered_bytes: int = Field(
+        2**30, ge=1, description="request bodies a replica holds at once, received and not yet decoded; beyond: 503"
+    )
 
     @model_validator(mode="after")
     def check_replicas(self) -> "ServeArgs":
         if self.min_replicas > self.max_replicas:
             raise ValueError(f"min_replicas ({self.min_replicas}) > max_replicas ({self.max_replicas})")
+        return self
+
+    @model_validator(mode="after")
+    def check_token_source(self) -> "ServeArgs":
+        given = [name for name in ("auth_token", "auth_token_env", "auth_token_file") if getattr(self, name)]
+        if len(given) > 1:
+            raise ValueError(f"give one of {' / '.join(given)}, not several")
         return self
 
 
@@ -175,7 +221,7 @@ class GenerateResponse(BaseModel):
     images: list[ImageOut]
 
 
-def parse_body(model: type[BaseModel], body: bytes) -> Any:
+def parse_body(model: type[BaseModel], body: bytes | bytearray) -> Any:
     """Validate a JSON body whatever its Content-Type: 400 when it is not JSON, 422 when it does not fit."""
     try:
         return model.model_validate_json(body)
@@ -247,9 +293,130 @@ def png_bytes(pixels: np.ndarray) -> bytes:
     return buffer.getvalue()
 
 
+# ---- auth ----------------------------------------------------------------------------------------------------
+
+
+def serve_http_host() -> str:
+    """The host the running Serve instance's HTTP proxies bind (`http_options.host`). Ray 2.60 has no public
+    getter: this is the controller client that serve.status() and serve.get_app_handle() use."""
+    return serve.context._get_global_client().http_config.host
+
+
+def is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:  # a host name other than localhost, or "": it may mean any address
+        return False
+
+
+def read_auth_token(args: ServeArgs, bind_host: str) -> str | None:
+    """The bearer token callers must send, or None (no auth) when none is configured and Serve binds a loopback
+    address only. Read on the replica: the environment variable or file lives where the replica runs."""
+    if args.auth_token is not None:
+        token = args.auth_token.get_secret_value()
+    elif args.auth_token_env is not None:
+        if args.auth_token_env not in os.environ:
+            raise ValueError(f"auth_token_env: {args.auth_token_env} is not set in this replica's environment")
+        token = os.environ[args.auth_token_env]
+    elif args.auth_token_file is not None:
+        try:
+            token = Path(args.auth_token_file).read_text()
+        except OSError as e:
+            raise ValueError(f"auth_token_file: cannot read {args.auth_token_file}: {e.strerror}") from None
+    elif is_loopback(bind_host):
+        return None
+    else:
+        raise ValueError(
+            f"Serve's HTTP proxies bind {bind_host!r}, not a loopback address, and no auth token is configured: "
+            "set auth_token_env or auth_token_file in the app's args, or bind 127.0.0.1"
+        )
+    token = token.strip()  # a file's or a Kubernetes secret's trailing newline
+    if len(token) < MIN_TOKEN_CHARS:
+        raise ValueError(
+            f"the auth token has {len(token)} characters, under {MIN_TOKEN_CHARS}: use a random one "
+            "(`openssl rand -hex 32`)"
+        )
+    return token
+
+
+class BearerAuth:
+    """ASGI middleware: when the replica has a token, every route but OPEN_PATHS (the docs and the OpenAPI schema
+    included, and unknown paths) answers 401 unless the request has `Authorization: Bearer <token>`. It runs
+    before the route, so no body is read for a caller without the token."""
+
+    def __init__(self, app: Callable) -> None:
+        self.app = app
+
+    async def __call__(self, scope: dict, receive: Callable, send: Callable) -> None:
+        if scope["type"] == "http":
+            token: bytes | None = serve.get_replica_context().servable_object.auth_token
+            route = scope["path"].removeprefix(scope.get("root_path", ""))
+            if token is not None and route not in OPEN_PATHS and not has_token(scope["headers"], token):
+                response = JSONResponse(
+                    {"detail": "missing or wrong bearer token"}, 401, headers={"WWW-Authenticate": "Bearer"}
+                )
+                return await response(scope, receive, send)
+        await self.app(scope, receive, send)
+
+
+def has_token(headers: list[tuple[bytes, bytes]], token: bytes) -> bool:
+    scheme, _, credentials = dict(headers).get(b"authorization", b"").partition(b" ")
+    return scheme.lower() == b"bearer" and hmac.compare_digest(credentials.strip(), token)
+
+
+# ---- where generated images may go ----------------------------------------------------------------------------
+
+
+@dataclass
+class OutputFolder:
+    fs: fsspec.AbstractFileSystem
+    path: str  # as `fs` sees it
+    uri: str  # the same place as the caller wrote it, for the URIs returned
+
+
+def protocols(fs_class: type) -> tuple[str, ...]:
+    return (fs_class.protocol,) if isinstance(fs_class.protocol, str) else tuple(fs_class.protocol)
+
+
+def allowed_prefix(uri: str) -> tuple[type, str]:
+    """A server-given prefix -> (fsspec filesystem class, path as it sees it)."""
+    fs_class = fsspec.get_filesystem_class(fsspec.core.split_protocol(uri)[0] or "file")
+    return fs_class, fs_class._strip_protocol(uri)
+
+
+def output_path(uri: str, allowed: list[tuple[type, str]]) -> tuple[str, str]:
+    """A caller's output_uri -> (protocol, path as the target filesystem will see it), or a 4xx. Characters that
+    a filesystem reads as something else than a path (s3fs: `?versionId=`, fsspec: `::` chaining, `#`) are refused
+    rather than interpreted, and so are `.`, `..` and empty segments: the path checked is the path written. The
+    errors name no allowed prefix and no server path."""
+    if not uri.isprintable():
+        raise HTTPException(422, "output_uri must not contain control or other non-printable characters")
+    for text, why in (("?", "a query"), ("#", "a fragment"), ("::", "a filesystem chain"), ("\\", "a backslash")):
+        if text in uri:
+            raise HTTPException(422, f"output_uri must not contain {text!r} ({why})")
+    protocol = fsspec.core.split_protocol(uri)[0] or "file"
+    candidates = [(fs_class, prefix) for fs_class, prefix in allowed if protocol in protocols(fs_class)]
+    if not candidates:
+        raise HTTPException(403, "output_uri is not under a prefix this server allows")
+    path = candidates[0][0]._strip_protocol(uri)
+    segments = path.removeprefix("/").split("/")
+    if any(segment in ("", ".", "..") for segment in segments):
+        raise HTTPException(422, "output_uri must not have empty, '.' or '..' path segments")
+    if max(len(segment.encode()) for segment in segments) > MAX_SEGMENT_BYTES:
+        raise HTTPException(422, f"output_uri has a path segment over {MAX_SEGMENT_BYTES} bytes")
+    if len(path.encode()) > MAX_OUTPUT_PATH_BYTES:
+        raise HTTPException(422, f"output_uri is over {MAX_OUTPUT_PATH_BYTES} bytes")
+    if not any(path == prefix or path.startswith(prefix.rstrip("/") + "/") for _, prefix in candidates):
+        raise HTTPException(403, "output_uri is not under a prefix this server allows")
+    return protocol, path
+
+
 # ---- the deployment ----------------------------------------------------------------------------------------
 
 api = FastAPI(title="janus-batch")
+api.add_middleware(BearerAuth)  # before serve.ingress freezes the app
 
 
 @serve.deployment
@@ -257,21 +424,31 @@ api = FastAPI(title="janus-batch")
 class JanusServer:
     def __init__(self, args: ServeArgs):
         self.args = args
+        # First, so that a missing token fails the replica before the model loads.
+        token = read_auth_token(args, serve_http_host())
+        self.auth_token = token.encode() if token is not None else None  # read by BearerAuth
         self.engine = JanusEngine.from_pretrained(
             args.model or str(ensure_tiny_model()),
             dtype=args.dtype,
             device="cuda" if args.num_gpus > 0 else "cpu",
-            storage_options=args.storage_options or None,
+            storage_options=args.storage_options.get_secret_value() or None,
             max_batch_rows=args.max_batch_rows,
             gpu_memory_utilization=memory_share(args.gpu_memory_utilization, args.num_gpus),
         )
         # Understanding and generation batches are queued separately but share the model: one engine call at
         # a time, run in a thread so the event loop keeps accepting (and batching) requests meanwhile.
         self.engine_lock = asyncio.Lock()
-        # Image requests are read and decoded a few at a time: one body may be hundreds of MB of base64
-        # (max_images_per_request x max_image_bytes), and max_ongoing_requests of them could exhaust the replica.
+        # Image requests, once their body is in, are parsed and decoded a few at a time (CPU work). While bodies
+        # arrive, only their bytes are bounded: max_buffered_bytes in all (one body may be hundreds of MB).
         self.intake = asyncio.Semaphore(max(1, int(args.num_cpus)))
-        self.max_body_bytes = args.max_images_per_request * 4 * -(-args.max_image_bytes // 3) + BODY_SLACK_BYTES
+        self.buffered_bytes = 0
+        text_bytes = MAX_TEXT_CHARS * JSON_BYTES_PER_CHAR
+        # Per image its base64 and a question (VQA); one instruction (captions).
+        per_image = 4 * -(-args.max_image_bytes // 3) + text_bytes
+        self.understand_body_limit = args.max_images_per_request * per_image + text_bytes + BODY_SLACK_BYTES
+        self.generate_body_limit = args.max_prompts_per_request * text_bytes + BODY_SLACK_BYTES
+        self.output_prefixes = [allowed_prefix(prefix) for prefix in args.allowed_output_prefixes]
+        self.model_name = self.engine.model_id.rstrip("/").rsplit("/", 1)[-1]  # never a server path
         self.stats: Counter[str] = Counter()
         for batch_method in (self.understand_batch, self.generate_batch):
             batch_method.set_max_batch_size(args.max_batch_size)
@@ -336,16 +513,36 @@ class JanusServer:
 
     # ---- request checks (all before batching) ---------------------------------------------------------
 
-    async def read_body(self, http: Request) -> bytes:
-        """The request body, refused with 413 as soon as it outgrows what the image limits allow."""
-        if int(http.headers.get("content-length", 0)) > self.max_body_bytes:
-            raise HTTPException(413, f"request body over this server's limit of {self.max_body_bytes} bytes")
+    @contextlib.asynccontextmanager
+    async def received_body(self, http: Request, limit: int) -> AsyncIterator[bytearray]:
+        """The whole request body, counted in the replica's buffered bytes until the block ends."""
         body = bytearray()
-        async for chunk in http.stream():  # Content-Length may be absent (chunked) or wrong
-            body += chunk
-            if len(body) > self.max_body_bytes:
-                raise HTTPException(413, f"request body over this server's limit of {self.max_body_bytes} bytes")
-        return bytes(body)
+        try:
+            await self.receive(http, limit, body)
+            yield body
+        finally:
+            self.buffered_bytes -= len(body)
+
+    async def receive(self, http: Request, limit: int, body: bytearray) -> None:
+        """Read the request body into `body`, with no lock held (a slow client delays no one else): 413 as soon as
+        it outgrows `limit`, 408 when it has not arrived within body_timeout_s, 503 while the replica holds
+        max_buffered_bytes of bodies already."""
+        declared = http.headers.get("content-length", "")
+        if declared.isdigit() and int(declared) > limit:
+            raise HTTPException(413, f"request body over this route's limit of {limit} bytes")
+        try:
+            async with asyncio.timeout(self.args.body_timeout_s):
+                async for chunk in http.stream():  # Content-Length may be absent (chunked) or wrong
+                    if len(body) + len(chunk) > limit:
+                        raise HTTPException(413, f"request body over this route's limit of {limit} bytes")
+                    if self.buffered_bytes + len(chunk) > self.args.max_buffered_bytes:
+                        raise HTTPException(
+                            503, "this replica holds too many request bodies; retry", headers={"Retry-After": "1"}
+                        )
+                    body += chunk
+                    self.buffered_bytes += len(chunk)
+        except TimeoutError:
+            raise HTTPException(408, f"request body not received within {self.args.body_timeout_s:g} s") from None
 
     def check_limit(self, what: str, value: int, limit: int) -> None:
         if value > limit:
@@ -374,64 +571,79 @@ class JanusServer:
         if (error := self.engine.check_question(text, max_new_tokens)) is not None:
             raise HTTPException(422, f"{field}: {error}")
 
-    def check_output_uri(self, uri: str) -> None:
-        if ".." in uri.replace("\\", "/").split("/"):
-            raise HTTPException(422, f"output_uri must not contain '..': {uri}")
-        allowed = self.args.allowed_output_prefixes
-        if not any(uri.rstrip("/") == p.rstrip("/") or uri.startswith(p.rstrip("/") + "/") for p in allowed):
-            raise HTTPException(403, f"output_uri {uri} is not under an allowed prefix {allowed}")
-
-    # ---- routes ---------------------------------------------------------------------------------------
-
     def new_tokens(self, request: UnderstandOptions) -> int:
         if request.max_new_tokens is None:
             return min(DEFAULT_NEW_TOKENS, self.args.max_new_tokens)
         self.check_limit("max_new_tokens", request.max_new_tokens, self.args.max_new_tokens)
         return request.max_new_tokens
 
-    async def understanding_job(self, http: Request, body: type[CaptionRequest] | type[VQARequest]) -> UnderstandJob:
-        """Read and check a caption or VQA request and decode its images, under the intake limit. The job holds
-        the preprocessed images only (0.44 MB each at 384 px): the base64 never waits in the batch queue."""
-        async with self.intake:
-            request = parse_body(body, await self.read_body(http))
-            max_new_tokens = self.new_tokens(request)
-            if isinstance(request, VQARequest):
-                questions, instruction = list(request.questions), DEFAULT_CAPTION_INSTRUCTION
-                for i, question in enumerate(questions):
-                    self.check_question(f"questions[{i}]", question, max_new_tokens)
-            else:
-                questions, instruction = [None] * len(request.images), request.instruction
-                self.check_question("instruction", instruction, max_new_tokens)
-            pixels = await asyncio.to_thread(self.load_images, request.images)  # decoding is CPU work
+    def understanding_job(self, body: type[CaptionRequest] | type[VQARequest], data: bytearray) -> UnderstandJob:
+        """Parse and check a caption or VQA request and decode its images (CPU work, run in a thread). The job
+        holds the preprocessed images only (0.44 MB each at 384 px): the base64 never waits in the batch queue."""
+        request = parse_body(body, data)
+        max_new_tokens = self.new_tokens(request)
+        if isinstance(request, VQARequest):
+            questions, instruction = list(request.questions), DEFAULT_CAPTION_INSTRUCTION
+            for i, question in enumerate(questions):
+                self.check_question(f"questions[{i}]", question, max_new_tokens)
+        else:
+            questions, instruction = [None] * len(request.images), request.instruction
+            self.check_question("instruction", instruction, max_new_tokens)
+        pixels = self.load_images(request.images)
         return UnderstandJob(
             pixels, questions, (instruction, max_new_tokens, request.greedy, request.temperature, request.seed)
         )
 
-    async def understand(self, job: UnderstandJob) -> UnderstandResponse:
-        done: Batched = await self.understand_batch(job)
-        if done.error is not None:
-            raise done.error
-        results = [TextOut(text=r.text, num_tokens=r.num_tokens, finish_reason=r.finish_reason) for r in done.outputs]
-        return UnderstandResponse(model=self.engine.model_id, batch_size=done.batch_size, results=results)
-
-    @api.post("/v1/caption")
-    async def caption(self, http: Request) -> UnderstandResponse:
-        return await self.understand(await self.understanding_job(http, CaptionRequest))
-
-    @api.post("/v1/vqa")
-    async def vqa(self, http: Request) -> UnderstandResponse:
-        return await self.understand(await self.understanding_job(http, VQARequest))
-
-    @api.post("/v1/generate")
-    async def generate(self, http: Request) -> GenerateResponse:
-        request: GenerateRequest = parse_body(GenerateRequest, await self.read_body(http))
+    def generate_request(self, data: bytearray) -> GenerateRequest:
+        """Parse and check a generation request (run in a thread)."""
+        request = parse_body(GenerateRequest, data)
         self.check_limit("number of prompts", len(request.prompts), self.args.max_prompts_per_request)
         self.check_limit("images_per_prompt", request.images_per_prompt, self.args.max_images_per_prompt)
         for i, prompt in enumerate(request.prompts):
             if (error := self.engine.check_prompt(prompt)) is not None:
                 raise HTTPException(422, f"prompts[{i}]: {error}")
+        return request
+
+    def output_folder(self, output_uri: str) -> OutputFolder:
+        """Check output_uri and make this request's folder under it, a new name (no write of this request can
+        replace an earlier object), before the engine runs: a bad target fails the request with a 4xx at once."""
+        protocol, path = output_path(output_uri, self.output_prefixes)
+        fs = fsspec.filesystem(protocol, **self.args.storage_options.get_secret_value())
+        name = uuid.uuid4().hex
+        try:
+            fs.makedirs(f"{path}/{name}", exist_ok=True)
+        except (FileExistsError, NotADirectoryError):
+            raise HTTPException(409, "output_uri lies under an existing file") from None
+        uri = path if fsspec.core.split_protocol(output_uri)[0] is None else f"{protocol}://{path}"
+        return OutputFolder(fs, f"{path}/{name}", f"{uri}/{name}")
+
+    # ---- routes ---------------------------------------------------------------------------------------
+
+    async def understand(self, http: Request, body: type[CaptionRequest] | type[VQARequest]) -> UnderstandResponse:
+        # The intake lock is taken once the body is in.
+        async with self.received_body(http, self.understand_body_limit) as data, self.intake:
+            job = await asyncio.to_thread(self.understanding_job, body, data)
+        done: Batched = await self.understand_batch(job)
+        if done.error is not None:
+            raise done.error
+        results = [TextOut(text=r.text, num_tokens=r.num_tokens, finish_reason=r.finish_reason) for r in done.outputs]
+        return UnderstandResponse(model=self.model_name, batch_size=done.batch_size, results=results)
+
+    @api.post("/v1/caption")
+    async def caption(self, http: Request) -> UnderstandResponse:
+        return await self.understand(http, CaptionRequest)
+
+    @api.post("/v1/vqa")
+    async def vqa(self, http: Request) -> UnderstandResponse:
+        return await self.understand(http, VQARequest)
+
+    @api.post("/v1/generate")
+    async def generate(self, http: Request) -> GenerateResponse:
+        async with self.received_body(http, self.generate_body_limit) as data:
+            request = await asyncio.to_thread(self.generate_request, data)
+        folder = None
         if request.output_uri is not None:
-            self.check_output_uri(request.output_uri)
+            folder = await asyncio.to_thread(self.output_folder, request.output_uri)
         options = (
             request.images_per_prompt,
             request.cfg_weight,
@@ -444,32 +656,26 @@ class JanusServer:
         done: Batched = await self.generate_batch(GenerateJob(request.prompts, options))
         if done.error is not None:
             raise done.error
-        images = await asyncio.to_thread(
-            self.deliver_images, done.outputs, request.images_per_prompt, request.output_uri
-        )
-        return GenerateResponse(model=self.engine.model_id, batch_size=done.batch_size, images=images)
+        images = await asyncio.to_thread(self.deliver_images, done.outputs, request.images_per_prompt, folder)
+        return GenerateResponse(model=self.model_name, batch_size=done.batch_size, images=images)
 
     def deliver_images(
-        self, generated: list[GeneratedImage], per_prompt: int, output_uri: str | None
+        self, generated: list[GeneratedImage], per_prompt: int, folder: OutputFolder | None
     ) -> list[ImageOut]:
-        """PNG-encode; inline as base64, or write under output_uri/<request id>/ and return the URIs."""
+        """PNG-encode; inline as base64, or write into the request's folder and return the URIs."""
         outs, files = [], {}
-        if output_uri is not None:
-            fs, root = fsspec.core.url_to_fs(output_uri, **self.args.storage_options)
-            request_dir = uuid.uuid4().hex  # concurrent requests to one prefix never overwrite each other
-            fs.makedirs(f"{root.rstrip('/')}/{request_dir}", exist_ok=True)
         for n, image in enumerate(generated):
             png = png_bytes(image.pixels)
             out = ImageOut(prompt_index=n // per_prompt, sample_index=image.sample_index, seed=image.seed)
-            if output_uri is None:
+            if folder is None:
                 out.image = base64.b64encode(png).decode()
             else:
-                name = f"{request_dir}/{out.prompt_index:03d}_{out.sample_index:03d}.png"
-                files[f"{root.rstrip('/')}/{name}"] = png
-                out.uri = f"{output_uri.rstrip('/')}/{name}"
+                name = f"{out.prompt_index:03d}_{out.sample_index:03d}.png"
+                files[f"{folder.path}/{name}"] = png
+                out.uri = f"{folder.uri}/{name}"
             outs.append(out)
         if files:
-            fs.pipe(files)
+            folder.fs.pipe(files, mode="create")  # refuses to replace an object (S3: If-None-Match)
         return outs
 
     @api.get("/healthz")
@@ -481,7 +687,7 @@ class JanusServer:
     async def models(self) -> dict[str, Any]:
         engine, args = self.engine, self.args
         return {
-            "model": engine.model_id,
+            "model": self.model_name,
             "weights_hash": engine.weights_hash,
             "device": str(engine.device),
             "dtype": str(engine.dtype).removeprefix("torch."),

@@ -10,6 +10,7 @@ moved script or a job spec field that no longer exists fails here. The dry runs 
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 import re
@@ -172,8 +173,10 @@ def cluster_specs() -> list[tuple[str, dict]]:
             specs.append((file, doc["spec"]["rayClusterSpec"]))
         elif doc["kind"] == "RayCronJob":
             specs.append((file, doc["spec"]["jobTemplate"]["rayClusterSpec"]))
-        elif doc["kind"] == "RayService":
-            specs.append((file, doc["spec"]["rayClusterConfig"]))
+        elif doc["kind"] == "RayService":  # the same cluster, with the Serve app's token on its GPU workers
+            spec = copy.deepcopy(doc["spec"]["rayClusterConfig"])
+            containers(gpu_group(spec))[0].pop("env")
+            specs.append((file, spec))
     specs.append(("cronjob-synthesize.yaml:ConfigMap", cron_rayjob()["spec"]["rayClusterSpec"]))
     return specs
 
