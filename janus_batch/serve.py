@@ -29,7 +29,8 @@ Exposing it:
   empty / `.` / `..` segment, or over-long segment: 422), under an allowed prefix (403); each request writes a
   new folder (a random name) and never replaces an object. A target under an existing file is a 409.
 - Nothing returned names a server path, the allowed prefixes or a credential: `model` is the last component of
-  the model's name; `storage_options` and the token are masked in reprs and validation errors.
+  the model's name; `storage_options` and the token are masked in reprs and validation errors. Serve itself logs
+  a config file's args when it imports the app: there, no keys in storage_options, no literal auth_token.
 """
 
 import asyncio
@@ -86,7 +87,8 @@ class ServeArgs(BaseModel):
         default_factory=lambda: Secret({}), description="fsspec options for s3:// I/O; masked in reprs"
     )
     # Bearer-token auth: on whenever a token is configured, which it must be when Serve binds a non-loopback host.
-    auth_token: SecretStr | None = Field(None, description="the token itself (prefer auth_token_env or _file)")
+    # The token itself: from Python only. Serve logs a config file's args (and so storage_options) as given.
+    auth_token: SecretStr | None = Field(None, description="the token itself")
     auth_token_env: str | None = Field(None, description="an environment variable of the replicas that holds it")
     auth_token_file: str | None = Field(None, description="a file on the replicas' nodes that holds it")
     # Replicas: one model each; on a GPU when num_gpus > 0.
