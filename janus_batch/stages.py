@@ -8,17 +8,23 @@ so the model never waits on decoding, encoding or writing.
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import subprocess
+import sys
+from collections.abc import Iterator
+from contextlib import contextmanager
 from datetime import datetime, timezone
 
 import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from janus_batch.engine import JanusEngine, decode_image, preprocess_image
-from janus_batch.io.readers import row_key
+from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
+from janus_batch.io.readers import id_key, row_key
 from janus_batch.io.schemas import ERROR
-from janus_batch.io.storage import StorageConfig, read_bytes
+from janus_batch.io.storage import StorageConfig, StoreUnavailable, read_bytes
 from janus_batch.io.writers import IMAGE_EXTENSIONS
 
 # ---- shared ----------------------------------------------------------------------------------------------
@@ -40,9 +46,22 @@ def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageCon
     )
 
 
+MAX_ERROR_CHARS = 500  # an exception's text can hold anything: a whole path, or a value's repr
+
+
 def describe(e: BaseException) -> str:
     """An error message for a row: input errors say what is wrong; anything else names its type too."""
-    return str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+    text = str(e) if isinstance(e, (ValueError, OSError)) else f"{type(e).__name__}: {e}"
+    return text if len(text) <= MAX_ERROR_CHARS else f"{text[:MAX_ERROR_CHARS]}... ({len(text)} characters)"
+
+
+def short(value: object, limit: int = 80) -> str:
+    """A row's value for a message: its repr, cut to `limit` characters (a value can be a whole image)."""
+    text = repr(value)
+    if len(text) <= limit:
+        return text
+    size = f"{len(value)} bytes" if isinstance(value, (bytes, bytearray)) else f"{len(text)} characters"
+    return f"{text[:limit]}... ({size})"
 
 
 def is_device_failure(e: BaseException) -> bool:
@@ -53,22 +72,93 @@ def is_device_failure(e: BaseException) -> bool:
     return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
 
 
-class StorageUnavailable(OSError):
-    """Reading an input failed in a way a retry may cure (network, throttling, an expired token): raised, so Ray
-    retries the task, and if it still fails the job stops with the row uncommitted, to be resumed. Never
-    committed as the row's error, which a rerun would keep."""
+class StorageUnavailable(StoreUnavailable):
+    """Reading a row's image failed because of the store, after the store's own retries (network, throttling,
+    timeouts, an expired token: janus_batch.io.storage decides): raised, so Ray retries the task, and if it
+    still fails the job stops with the row uncommitted, to be resumed. Never committed as the row's error, which
+    a rerun would keep."""
 
 
-def is_transient(e: BaseException) -> bool:
-    return isinstance(e, OSError) and not isinstance(e, (FileNotFoundError, IsADirectoryError, PermissionError))
+def read_input(uri: str, storage: StorageConfig, max_bytes: int) -> bytes:
+    """The bytes at `uri`. A store fault raises StorageUnavailable; anything else (no such file, a bad name, a
+    symlink loop, a permission, a directory) is the row's error, as a ValueError."""
+    try:
+        return read_bytes(uri, storage, max_bytes)
+    except StoreUnavailable as e:
+        raise StorageUnavailable(str(e)) from e  # names the read, the store and the last error
+    except Exception as e:
+        if isinstance(e, OSError) and e.errno is not None:  # its text repeats the path, which may be 5,000 long
+            raise ValueError(f"cannot read {short(uri)}: {os.strerror(e.errno)} ({errno.errorcode[e.errno]})") from e
+        raise ValueError(describe(e)) from e
 
 
-def type_error(name: str, value: object, expected: str) -> str | None:
+def as_text(name: str, value: object) -> tuple[str | None, str | None]:
+    """(text, error) of a text column's value. Binary holding UTF-8 (Parquet written without a string type) is
+    text; invalid UTF-8, null or another type is the row's error."""
+    if isinstance(value, (bytes, bytearray)):
+        try:
+            return bytes(value).decode("utf-8"), None
+        except UnicodeDecodeError as e:
+            return None, f"{name} is not valid UTF-8 text (byte {value[e.start]:#04x} at offset {e.start})"
     if value is None:
-        return f"{name} is null"
-    if not isinstance(value, str if expected == "string" else (bytes, bytearray)):
-        return f"{name} must be {expected}, got {type(value).__name__}"
-    return None
+        return None, f"{name} is null"
+    if not isinstance(value, str):
+        return None, f"{name} must be string, got {type(value).__name__}"
+    return value, None
+
+
+def as_id(name: str, value: object) -> tuple[str | None, str | None]:
+    """(text, error) of a prompt id: any type will do (its text keys the images' noise); binary must be UTF-8."""
+    if value is None or isinstance(value, (bytes, bytearray)):
+        return as_text(name, value)
+    return str(value), None
+
+
+# The watchdog process of a model actor. It reads one byte per change from its stdin: b"1" when a call starts,
+# b"0" when it ends; end of file when the actor is gone. A call past the timeout: SIGKILL to the actor.
+WATCHDOG = """
+import os, select, signal, sys, time
+actor, timeout = int(sys.argv[1]), float(sys.argv[2])
+deadline = None
+while True:
+    wait = None if deadline is None else max(deadline - time.monotonic(), 0)
+    if select.select([0], [], [], wait)[0]:
+        state = os.read(0, 4096)
+        if not state:
+            break
+        deadline = time.monotonic() + timeout if state.endswith(b"1") else None
+    elif deadline is not None and time.monotonic() >= deadline:
+        print(f"[janus-batch] a model call ran past call_timeout_s={timeout:g}: killing its actor (pid {actor}), "
+              "which Ray restarts to retry the call", file=sys.stderr, flush=True)
+        os.kill(actor, signal.SIGKILL)
+        break
+"""
+
+
+class CallWatchdog:
+    """Bounds each model call of an actor to `timeout_s`: past it, a watchdog process SIGKILLs the actor, and Ray
+    restarts the actor and retries the task. A process, not a thread: a thread cannot act while the actor is
+    stopped (SIGSTOP) or stuck in native code holding the GIL, and Ray does not notice either (it checks that
+    nodes are alive, not that actors make progress)."""
+
+    def __init__(self, timeout_s: float):
+        self.process = subprocess.Popen(
+            [sys.executable, "-I", "-c", WATCHDOG, str(os.getpid()), str(timeout_s)],
+            stdin=subprocess.PIPE,
+            start_new_session=True,  # a signal to the actor's process group does not stop its watchdog
+        )
+
+    @contextmanager
+    def bound(self) -> Iterator[None]:
+        self.tell(b"1")
+        try:
+            yield
+        finally:
+            self.tell(b"0")
+
+    def tell(self, state: bytes) -> None:
+        self.process.stdin.write(state)
+        self.process.stdin.flush()
 
 
 # ---- synthesize ------------------------------------------------------------------------------------------
@@ -91,21 +181,22 @@ GENERATED = pa.schema(
 
 
 def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | None, duplicates: set) -> pa.Table:
-    """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing or mistyped prompt or id, or
-    an id shared with another row (without an id column: the same prompt text, which would make the same
+    """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing, mistyped or undecodable prompt or
+    id, or an id shared with another row (without an id column: the same prompt text, which would make the same
     images), get an error; the engine checks the prompt text itself later."""
     prompts = batch[prompt_column].to_pylist()
     ids = batch[id_column].to_pylist() if id_column else prompts
     out_prompts, out_ids, errors = [], [], []
-    for prompt, pid in zip(prompts, ids, strict=True):
-        error = type_error("prompt", prompt, "string")
-        if error is None:
-            if pid is None:
-                error = f"{id_column} is null"
-            elif pid in duplicates:
-                error = f"duplicate {id_column or prompt_column} {pid!r}: more than one input row has it"
-        out_prompts.append(None if prompt is None else str(prompt))
-        out_ids.append(None if pid is None else str(pid))
+    for raw_prompt, raw_id in zip(prompts, ids, strict=True):
+        prompt, error = as_text("prompt", raw_prompt)
+        pid = prompt
+        if id_column:
+            pid, id_error = as_id(id_column, raw_id)
+            error = error or id_error
+        if error is None and id_key(raw_id) in duplicates:
+            error = f"duplicate {id_column or prompt_column} {short(pid)}: more than one input row has it"
+        out_prompts.append(prompt)
+        out_ids.append(pid)
         errors.append(error)
     return pa.table(
         {
@@ -120,11 +211,18 @@ def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | Non
 class Synthesizer:
     """Model stage: (row_hash, prompt_id, prompt, error) -> one row per image, or one error row per prompt."""
 
-    def __init__(self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, params: dict):
+    def __init__(
+        self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, call_timeout_s: float, params: dict
+    ):
         self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
+        self.watchdog = CallWatchdog(call_timeout_s)
         self.params = params
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.watchdog.bound():
+            return self.synthesize(batch)
+
+    def synthesize(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
             if row[ERROR] is None:
@@ -227,8 +325,8 @@ def prepare_images(
     max_image_bytes: int,
 ) -> pa.Table:
     """Input rows -> (resume key, passthrough id columns, question, pixels, error): fetch, decode and
-    preprocess each image as DeepSeek does; any failure (missing file, not an image, truncated, too large,
-    ...) is the row's error."""
+    preprocess each image as DeepSeek does; any failure of the row (missing file, bad path, not an image,
+    truncated, too large, ...) is its error. A fault of the store raises StorageUnavailable."""
     n = batch.num_rows
     ids = batch[id_column].to_pylist() if id_column else [None] * n
     questions = batch[question_column].to_pylist() if question_column else [None] * n
@@ -238,36 +336,51 @@ def prepare_images(
         sources = batch[image_column].to_pylist()
     else:  # an image folder: read_binary_files' columns
         sources = batch["bytes"].to_pylist()
-    pixels, errors = [], []
-    for source, image_id, question in zip(sources, ids, questions, strict=True):
+    pixels, texts, errors = [], [], []
+    for source, image_id, raw_question in zip(sources, ids, questions, strict=True):
         error, array = None, None
-        if id_column and image_id is not None and image_id in duplicates:
-            error = f"duplicate {id_column} {image_id!r}: more than one input row has it"
+        question, question_error = as_text("question", raw_question) if question_column else (None, None)
+        if id_column and image_id is not None and id_key(image_id) in duplicates:
+            error = f"duplicate {id_column} {short(image_id)}: more than one input row has it"
         elif question_column:
-            error = type_error("question", question, "string") or (None if question.strip() else "empty question")
+            error = question_error or (None if question.strip() else "empty question")
         if error is None:
             try:
-                data = image_bytes(source, image_uri_column, storage, max_image_bytes)
-                array = preprocess_image(decode_image(data), image_size)
+                array = load_image(source, image_uri_column, storage, max_image_bytes, image_size)
+            except StorageUnavailable:
+                raise
             except Exception as e:
-                if is_transient(e):
-                    raise StorageUnavailable(f"cannot read image {source!r} now: {e}") from e
                 error = describe(e)
         pixels.append(None if array is None else array.tobytes())
+        texts.append(question)
         errors.append(error)
     columns = {name: batch[name] for name in dict.fromkeys([resume_key, *passthrough])}
-    columns["question"] = pa.array([q if isinstance(q, str) else None for q in questions], pa.string())
+    columns["question"] = pa.array(texts, pa.string())
     columns[PREPARED_IMAGE] = pa.array(pixels, pa.binary())
     columns[ERROR] = pa.array(errors, pa.string())
     return pa.table(columns)
 
 
+def load_image(source: object, uri_column: str | None, storage: StorageConfig, max_bytes: int, size: int):
+    """A row's image, fetched, decoded and preprocessed. Decoding is caught apart from the fetch: whatever the
+    decoder raises (PIL reports some undecodable files as a plain OSError) is the row's error, never the store's."""
+    data = image_bytes(source, uri_column, storage, max_bytes)
+    try:
+        return preprocess_image(decode_image(data), size)
+    except ImageInputError:
+        raise
+    except Exception as e:
+        raise ImageInputError(f"not a decodable image: {describe(e)}") from e
+
+
 def image_bytes(source: object, uri_column: str | None, storage: StorageConfig, max_bytes: int) -> bytes:
+    """The encoded image of a row: read from its URI; from a Hugging Face Image struct, its bytes or else, as
+    `datasets` does, the file at its path; or the bytes themselves."""
     if uri_column:
-        if error := type_error(uri_column, source, "string"):
-            raise ValueError(error)
-        return read_bytes(source, storage, max_bytes)
+        return read_image_at(uri_column, source, storage, max_bytes)
     if isinstance(source, dict):  # a Hugging Face Image struct
+        if source.get("bytes") is None and source.get("path") is not None:
+            return read_image_at("image path", source["path"], storage, max_bytes)
         source = source.get("bytes")
     if source is None:
         raise ValueError("image is null")
@@ -276,6 +389,32 @@ def image_bytes(source: object, uri_column: str | None, storage: StorageConfig, 
     if len(source) > max_bytes:
         raise ValueError(f"image of {len(source)} bytes exceeds the limit of {max_bytes}")
     return bytes(source)
+
+
+def read_image_at(name: str, value: object, storage: StorageConfig, max_bytes: int) -> bytes:
+    uri, error = as_text(name, value)
+    if error is None:
+        if uri.startswith("s3://"):
+            error = s3_key_error(uri)
+        elif not uri.startswith("/"):
+            error = f"{name} {short(uri)} is neither an absolute path nor an s3:// URI"
+    if error is not None:
+        raise ValueError(error)
+    return read_input(uri, storage, max_bytes)
+
+
+S3_MAX_KEY_BYTES = 1024
+
+
+def s3_key_error(uri: str) -> str | None:
+    """What S3 would refuse in the URI itself: its reply to pyarrow's HeadObject (400, no body) would say no more
+    than an expired token's does."""
+    bucket, _, key = uri[len("s3://") :].partition("/")
+    if not bucket or not key:
+        return f"{short(uri)} names no object (s3://BUCKET/KEY)"
+    if len(key.encode()) > S3_MAX_KEY_BYTES:
+        return f"{short(uri)}: its key has {len(key.encode())} bytes, S3 allows {S3_MAX_KEY_BYTES}"
+    return None
 
 
 class Describer:
@@ -288,16 +427,22 @@ class Describer:
         gpus: float,
         storage: StorageConfig,
         batching: dict,
+        call_timeout_s: float,
         params: dict,
         resume_key: str,
         text_column: str,
     ):
         self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
+        self.watchdog = CallWatchdog(call_timeout_s)
         self.params = params
         self.resume_key = resume_key
         self.text_column = text_column
 
     def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.watchdog.bound():
+            return self.describe_batch(batch)
+
+    def describe_batch(self, batch: pa.Table) -> pa.Table:
         size = self.engine.image_size
         errors = batch[ERROR].to_pylist()
         keys = [row_key(k) for k in batch[self.resume_key].to_pylist()]

@@ -20,7 +20,7 @@ from PIL import Image
 from janus_batch.engine import JanusEngine
 from janus_batch.io.storage import fs_path
 from janus_batch.jobs import CaptionJob, SynthesizeJob, pipeline, run
-from tests.jobs_data import SMALL_RESOURCES, encoded, read_parquet_dir, sample_images, synth_spec, write_parquet
+from tests.jobs_data import SMALL_RESOURCES, read_parquet_dir, sample_images, synth_spec, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
 
@@ -236,10 +236,14 @@ def test_seeds_reproducible_across_batch_sizes_and_actor_counts(ray_cluster, sto
 
 
 def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, monkeypatch):
+    # Prompts as a binary column (Parquet written without a string type): UTF-8 is text; invalid UTF-8 was a crash.
+    # Images: tests/test_hostile_rows.py::test_caption_job_over_the_hostile_corpus.
     prompts = pa.table(
         {
-            "prompt_id": ["good1", "empty", "long", "null_prompt", None, "dup", "dup", "good2"],
-            "prompt": ["a fox", "   ", "x " * 3000, None, "no id", "first", "second", "a cat"],
+            "prompt_id": ["good1", "empty", "long", "null_prompt", None, "dup", "dup", "good2", "bad_utf8"],
+            "prompt": pa.array(
+                [b"a fox", b"   ", b"x " * 3000, None, b"no id", b"first", b"second", b"a cat", b"\xff\xfe a fox"]
+            ),
         }
     )
     source = write_parquet(prompts, f"{bucket}/bad/prompts.parquet", storage)
@@ -247,29 +251,30 @@ def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, 
         SynthesizeJob.model_validate(synth_spec(source, str(tmp_path / "out"), storage, tiny_model_dir, run_id="b"))
     )
     rows = pq.read_table(tmp_path / "out/b/data").to_pylist()
-    errors = {r["prompt"]: r["error"] for r in rows if r["error"] is not None}
+    errors = {(r["prompt_id"], r["prompt"]): r["error"] for r in rows if r["error"] is not None}
+    too_long = errors.pop(("long", "x " * 3000))
+    assert too_long.startswith("prompt too long")
     assert errors == {
-        "   ": "empty prompt",
-        "x " * 3000: errors["x " * 3000],
-        None: "prompt is null",
-        "no id": "prompt_id is null",
-        "first": "duplicate prompt_id 'dup': more than one input row has it",
-        "second": "duplicate prompt_id 'dup': more than one input row has it",
+        ("empty", "   "): "empty prompt",
+        ("null_prompt", None): "prompt is null",
+        (None, "no id"): "prompt_id is null",
+        ("dup", "first"): "duplicate prompt_id 'dup': more than one input row has it",
+        ("dup", "second"): "duplicate prompt_id 'dup': more than one input row has it",
+        ("bad_utf8", None): "prompt is not valid UTF-8 text (byte 0xff at offset 0)",
     }
-    assert errors["x " * 3000].startswith("prompt too long")
     assert all(r["image"] is None and r["sample_index"] is None for r in rows if r["error"])
     good = {(r["prompt_id"], r["sample_index"]): r for r in rows if r["error"] is None}
     assert set(good) == {("good1", 0), ("good1", 1), ("good2", 0), ("good2", 1)}
-    assert (summary["rows_written"], summary["errors"]) == (4 + 6, 6)
+    assert (summary["rows_written"], summary["errors"]) == (4 + 7, 7)
 
-    # Rerun: every input row is committed (an error row stands for its prompt's images), so nothing runs.
+    # Rerun: every input row has its rows (an error row stands for its prompt's images), so nothing runs.
     spec = synth_spec(source, str(tmp_path / "out"), storage, tiny_model_dir, run_id="b")
     with monkeypatch.context() as m:
         m.setattr(pipeline, "write_outputs", lambda *a: pytest.fail("a finished run was run again"))
         again = run(SynthesizeJob.model_validate(spec))
-    assert (again["inputs_committed_before"], again["rows_committed_before"], again["rows_written"]) == (8, 10, 0)
+    assert (again["inputs_done_before"], again["rows_before"], again["rows_written"]) == (9, 11, 0)
     # Resuming with settings that change the outputs would mix two kinds of rows: refused, naming the changes.
-    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3, seed 0 -> 5\): resume it with the spec in"):
+    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3; seed 0 -> 5\): resume it with the spec in"):
         run(SynthesizeJob.model_validate({**spec, "images_per_prompt": 3, "seed": 5}))
     assert (
         run(SynthesizeJob.model_validate({**spec, "resources": {**SMALL_RESOURCES, "batch_size": 3}}))["rows_written"]
@@ -280,32 +285,3 @@ def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, 
     for image in engine.generate_images(["a fox", "a cat"], prompt_ids=["good1", "good2"], images_per_prompt=2):
         decoded = np.asarray(Image.open(io.BytesIO(good[(image.prompt_id, image.sample_index)]["image"]["bytes"])))
         np.testing.assert_array_equal(decoded, image.pixels)
-
-    # Images: corrupt, truncated, not an image, empty, null, duplicate ids; the good ones still captioned.
-    png = encoded(Image.new("RGB", (40, 30), (200, 10, 10)))
-    images = pa.table(
-        {
-            "image_id": ["ok", "trunc", "text", "empty", "null", "twin", "twin", "ok2"],
-            "image": [png, png[:60], b"hello world", b"", None, png, png, sample_images(1)[0]],
-        }
-    )
-    source = write_parquet(images, f"{bucket}/bad/images.parquet", storage)
-    job = CaptionJob.model_validate(
-        dict(
-            input={"path": source},
-            model={"source": str(tiny_model_dir)},
-            resources=SMALL_RESOURCES,
-            storage=storage.model_dump(),
-            output={"path": str(tmp_path / "out")},
-            max_new_tokens=4,
-            run_id="c",
-        )
-    )
-    assert run(job)["errors"] == 6
-    rows = {(r["image_id"], i): r for i, r in enumerate(pq.read_table(tmp_path / "out/c/data").to_pylist())}
-    errors = {image_id: r["error"] for (image_id, _), r in rows.items()}
-    assert errors["ok"] is None and errors["ok2"] is None
-    assert errors["trunc"].startswith("corrupt or truncated") or errors["trunc"].startswith("not a decodable")
-    assert errors["text"].startswith("not a decodable image") and errors["empty"] == "empty image bytes"
-    assert errors["null"] == "image is null" and errors["twin"].startswith("duplicate image_id 'twin'")
-    assert len(rows) == 8

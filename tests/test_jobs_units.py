@@ -26,7 +26,7 @@ from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.io.writers import WebDatasetWriter
 from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
-from janus_batch.jobs.specs import RUN_ID, CaptionJob, ResourceSpec, SynthesizeJob, resolve_run_id
+from janus_batch.jobs.specs import RUN_ID, CaptionJob, ModelSpec, ResourceSpec, SynthesizeJob, resolve_run_id
 from tests.conftest import free_port
 from tests.jobs_data import encoded, sample_images, write_parquet
 
@@ -201,7 +201,7 @@ def test_prepare_prompts_reports_each_bad_row():
     wrong_type = pa.table({"prompt": [7], "prompt_id": [1], "row_hash": pa.array([9], pa.uint64())})
     out = stages.prepare_prompts(wrong_type, prompt_column="prompt", id_column="prompt_id", duplicates=set())
     assert out.to_pylist() == [
-        {"row_hash": 9, "prompt_id": "1", "prompt": "7", "error": "prompt must be string, got int"}
+        {"row_hash": 9, "prompt_id": "1", "prompt": None, "error": "prompt must be string, got int"}
     ]
     no_ids = stages.prepare_prompts(batch.slice(0, 1), prompt_column="prompt", id_column=None, duplicates=set())
     assert no_ids["prompt_id"].to_pylist() == ["a fox"]  # the prompt text is the id
@@ -279,9 +279,11 @@ def test_prepare_images_from_uris_and_questions(tmp_path, storage):
 def test_an_unreachable_store_stops_the_task_instead_of_committing_errors(tmp_path):
     # A store that is down (here: nothing listens on the port) may be up on a retry, or for the resumed job:
     # the rows must not be committed with that as their error.
-    down = StorageConfig(endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", key="k", secret="s")
+    down = StorageConfig(
+        endpoint_url=f"http://127.0.0.1:{free_port()}", region="us-east-1", key="k", secret="s", retries={"attempts": 1}
+    )
     batch = pa.table({"url": ["s3://bucket/a.png"], "row_hash": pa.array([0], pa.uint64())})
-    with pytest.raises(stages.StorageUnavailable, match="cannot read image 's3://bucket/a.png' now"):
+    with pytest.raises(stages.StorageUnavailable, match=r"read s3://bucket/a.png: .*AWS Error NETWORK_CONNECTION"):
         prepared_images(
             batch, down, image_column=None, image_uri_column="url", id_column=None, question_column=None,
             passthrough=["url"],
@@ -293,10 +295,11 @@ def test_an_unreachable_store_stops_the_task_instead_of_committing_errors(tmp_pa
 
 def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatch):
     stage = stages.Synthesizer(
-        model={"source": str(tiny_model_dir), "dtype": "auto"},
+        model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
         gpus=0,
         storage=storage,
         batching=dict(max_batch_rows=8),
+        call_timeout_s=600,
         params=dict(images_per_prompt=2, cfg_weight=5.0, temperature=1.0, top_k=None, top_p=None, seed=0, greedy=False),
     )
     batch = pa.table(
@@ -342,10 +345,11 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
     )
     prepared = prepared_images(batch, storage)
     stage = stages.Describer(
-        model={"source": str(tiny_model_dir), "dtype": "auto"},
+        model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
         gpus=0,
         storage=storage,
         batching=dict(max_batch_rows=8),
+        call_timeout_s=600,
         params=dict(
             instruction="Describe this image in detail.", max_new_tokens=5, greedy=True, temperature=1.0, seed=0
         ),

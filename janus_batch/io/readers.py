@@ -9,6 +9,8 @@ Checks that can fail a job (path missing, credentials refused, columns absent) r
 from __future__ import annotations
 
 import hashlib
+import math
+from concurrent.futures import ThreadPoolExecutor
 
 import numpy as np
 import pyarrow as pa
@@ -22,37 +24,82 @@ from janus_batch.io.schemas import ROW_HASH
 from janus_batch.io.storage import StorageConfig, fs_path
 
 IMAGE_EXTENSIONS = ["png", "jpg", "jpeg", "webp", "bmp", "gif", "tif", "tiff"]
+# Ray Data's file listing skips files whose path below the input folder starts with one of these (`.hidden.png`,
+# `_SUCCESS`, `.cache/x.png`; not `sub/.x.png`): ray/data/datasource/file_meta_provider.py, _expand_directory.
+# Counting a file Ray skips would make a run that never finishes.
+HIDDEN_PREFIXES = (".", "_")
+SCHEMA_READERS = 16  # Parquet footers read in parallel on the driver
 
 
 def list_input_files(path: str, storage: StorageConfig, extensions: list[str]) -> list[str]:
-    """The input files under `path` (a file or a folder), raising a clear error when there are none."""
+    """The input files under `path` (a file or a folder) that Ray Data reads, sorted, raising a clear error when
+    there are none."""
     fs = storage.filesystem(path)
+    root = fs_path(path)
     try:
-        info = fs.get_file_info(fs_path(path))
+        info = fs.get_file_info(root)
         is_dir = info.type == pafs.FileType.Directory
-        infos = fs.get_file_info(pafs.FileSelector(fs_path(path), recursive=True)) if is_dir else []
+        infos = fs.get_file_info(pafs.FileSelector(root, recursive=True)) if is_dir else []
     except OSError as e:  # pyarrow reports S3 access and credential errors as OSError
         raise OSError(f"cannot read input {path}: {e}") from None
     if info.type == pafs.FileType.NotFound:
         raise FileNotFoundError(f"input path does not exist: {path}")
 
-    def wanted(file: str) -> bool:  # Ray Data's readers take only these extensions
-        return file.rsplit(".", 1)[-1].lower() in extensions
+    def wanted(file: str) -> bool:  # as Ray Data's extension filter: a query part ("?versionId=...") is not the name
+        return file.split("?", 1)[0].lower().endswith(tuple(f".{e}" for e in extensions))
 
     if info.type == pafs.FileType.File:
         if not wanted(info.path):
             raise ValueError(f"input {path} is not a {'/'.join(extensions)} file (by its extension)")
         return [info.path]
-    files = [i.path for i in infos if i.type == pafs.FileType.File and wanted(i.path)]
+    files = [
+        i.path
+        for i in infos
+        if i.type == pafs.FileType.File
+        and wanted(i.path)
+        and not i.path[len(root) :].lstrip("/").startswith(HIDDEN_PREFIXES)
+    ]
     if not files:
-        raise FileNotFoundError(f"no {'/'.join(extensions)} files under {path}")
+        raise FileNotFoundError(f"no {'/'.join(extensions)} files under {path} (hidden files, .* and _*, not counted)")
     return sorted(files)
 
 
 def parquet_schema(path: str, storage: StorageConfig) -> pa.Schema:
-    """Schema of the first Parquet file under `path` (Ray Data requires them all to agree)."""
-    first = list_input_files(path, storage, ["parquet"])[0]
-    return pq.read_schema(first, filesystem=storage.filesystem(path))
+    """The schema of the Parquet files under `path`. Ray Data reads a folder as one table, so every file's footer
+    is read here: a file that is not Parquet, or whose columns differ from the first file's, refuses the job
+    before any model loads, naming the file (Ray's read would fail later with an Arrow error that names none)."""
+    files = list_input_files(path, storage, ["parquet"])
+    fs = storage.filesystem(path)
+
+    def read_schema(file: str) -> pa.Schema:
+        try:
+            return pq.read_schema(file, filesystem=fs)
+        except pa.ArrowInvalid as e:  # no Parquet footer: another format, truncated or empty
+            raise ValueError(f"input file {file} is not a Parquet file: {e}") from None
+        except OSError as e:
+            raise OSError(f"cannot read input file {file}: {e}") from None
+
+    with ThreadPoolExecutor(SCHEMA_READERS) as pool:
+        schemas = list(pool.map(read_schema, files))
+    first = schemas[0]
+    for file, schema in zip(files[1:], schemas[1:], strict=True):
+        if difference := schema_difference(first, schema):
+            raise ValueError(
+                f"input files {files[0]} and {file} have different columns ({difference}): all Parquet files of an "
+                "input are read as one table"
+            )
+    return first
+
+
+def schema_difference(a: pa.Schema, b: pa.Schema) -> str:
+    """What differs between two schemas' column names and types ('' if nothing), as 'first / second'."""
+    types_a = {f.name: f.type for f in a}
+    types_b = {f.name: f.type for f in b}
+    differences = []
+    for name in dict.fromkeys([*a.names, *b.names]):
+        if name not in types_a or name not in types_b or not types_a[name].equals(types_b[name]):
+            differences.append(f"{name!r}: {types_a.get(name, 'absent')} / {types_b.get(name, 'absent')}")
+    return ", ".join(differences)
 
 
 def require_columns(schema: pa.Schema, columns: dict[str, str | None], path: str) -> None:
@@ -91,7 +138,13 @@ def duplicate_ids(ds: ray.data.Dataset, column: str) -> set:
     ids.context.shuffle_strategy = ShuffleStrategy.SORT_SHUFFLE_PULL_BASED
     counts = ids.groupby(column).count()
     dups = counts.map_batches(keep_duplicates, batch_format="pyarrow", batch_size=None).take_all()
-    return {row[column] for row in dups if row[column] is not None}
+    return {id_key(row[column]) for row in dups if row[column] is not None}
+
+
+def id_key(value: object) -> object:
+    """An id as duplicates are looked up: NaN ids are one value, as Ray's group-by counts them (in a Python set,
+    NaN != NaN)."""
+    return "NaN" if isinstance(value, float) and math.isnan(value) else value
 
 
 def row_key(resume_value: int | str) -> str:

@@ -66,6 +66,9 @@ class ResourceSpec(Spec):
     gpu_memory_utilization: float = Field(
         0.9, gt=0, le=1, description="share of a GPU's memory a model actor may use, times gpus_per_actor if < 1"
     )
+    call_timeout_s: float = Field(
+        1800, gt=0, description="a longer model call (hung or stopped) kills its actor: Ray restarts it and retries"
+    )
 
     @model_validator(mode="after")
     def check_pool(self) -> ResourceSpec:
