@@ -1,9 +1,11 @@
-"""Image synthesis: token identity with DeepSeek's reference loop (greedy), the right distribution (sampled),
-batch invariance and per-image seeds."""
+"""Image synthesis: token identity with DeepSeek's reference loop (greedy), on prompts DeepSeek's rules build
+(tests/reference.py), the right distribution (sampled), batch invariance and per-image seeds."""
 
 from __future__ import annotations
 
+import copy
 import gc
+import itertools
 import weakref
 from collections import Counter
 from types import SimpleNamespace
@@ -12,20 +14,30 @@ import numpy as np
 import pytest
 import torch
 from PIL import Image
-from scipy.stats import chi2_contingency, chisquare
 
 from benchmarks.bench import build_model, weight_bytes
 from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt, understanding_prompt
-from janus_batch.engine.sampling import id32, row_key
+from janus_batch.engine.sampling import gumbel_noise, id32, row_key, vocab_codes
 from janus_batch.model.tiny import build_tiny_model
-from tests.reference import first_step_distribution, reference_attention, reference_generate
+from tests.reference import (
+    first_step_distribution,
+    first_step_logits,
+    generation_ids,
+    gof_pvalue,
+    pad_id,
+    reference_attention,
+    reference_generate,
+    truncated,
+    two_sample_pvalue,
+)
 
+# Whitespace around a prompt, as Parquet columns often carry it: DeepSeek's processor strips each message.
 PROMPTS = [
     "a red fox",
-    "A watercolor painting of a lighthouse on a cliff above a stormy sea, highly detailed",
-    "portrait",
+    "  A watercolor painting of a lighthouse on a cliff above a stormy sea, highly detailed \n",
+    "portrait\t",
 ]
 
 
@@ -35,9 +47,9 @@ def engine() -> JanusEngine:
     return JanusEngine(model, processor)
 
 
-def prompt_ids(engine: JanusEngine, prompt: str) -> list[int]:
-    # Tokenised as DeepSeek does: tokenizer.encode(sft_format + image_start_tag), BOS included.
-    return engine.tokenizer.encode(generation_prompt(prompt))
+def prompt_ids(engine: JanusEngine, prompt: str, prompt_format: str = "janus-pro") -> list[int]:
+    """The prompt as DeepSeek's generation_inference.py tokenises it (reference.py, not the engine's helpers)."""
+    return generation_ids(engine.tokenizer, prompt, prompt_format)
 
 
 @pytest.mark.parametrize("images_per_prompt,cfg_weight", [(1, 5.0), (2, 1.0), (3, 7.5)])
@@ -50,7 +62,7 @@ def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt,
         ref_tokens, ref_pixels = reference_generate(
             engine.model,
             prompt_ids(engine, prompt),
-            engine.pad_id,
+            pad_id(engine.tokenizer),
             images_per_prompt,
             cfg_weight,
             greedy=True,
@@ -67,23 +79,50 @@ def test_greedy_real_geometry_576_tokens():
     assert results[0].tokens.shape == (576,) and results[0].pixels.shape == (384, 384, 3)
     for result, prompt in zip(results, PROMPTS[:2], strict=True):
         ref_tokens, ref_pixels = reference_generate(
-            model, prompt_ids(engine, prompt), engine.pad_id, 1, 5.0, greedy=True
+            model, prompt_ids(engine, prompt), pad_id(engine.tokenizer), 1, 5.0, greedy=True
         )
         np.testing.assert_array_equal(result.tokens, ref_tokens[0].numpy())
         np.testing.assert_array_equal(result.pixels, ref_pixels[0])
 
 
-def test_bf16_tokens_differ_from_the_reference_loop_only_by_attention_rounding(monkeypatch):
-    # In bf16 rounding depends on the kernel: with the engine's masked bucket attention this prompt's greedy
-    # tokens part from the reference loop's at some step. With the reference's attention call in its place, every
-    # other operation (CFG mix in bf16 included) is the reference's, to the bit, for all 576 tokens.
+def first_steps(engine: JanusEngine, steps: int) -> JanusEngine:
+    """An engine on the same model that makes only the first `steps` tokens of each image (and no pixels): the
+    tests that check a few steps decode only those."""
+    short = JanusEngine(engine.model, engine.processor, prompt_format=engine.prompt_format)
+    short.num_gen_tokens = steps
+    return short
+
+
+def cfg_logits_of(model) -> list[torch.Tensor]:
+    """The CFG-mixed logits of each step the engine runs (a forward hook on the generation head)."""
+    mixed = []
+
+    def hook(module, args, logits):
+        cond, uncond = logits.float().chunk(2)
+        mixed.append(uncond + 5.0 * (cond - uncond))
+
+    model.model.generation_head.register_forward_hook(hook)
+    return mixed
+
+
+BF16_STEPS = 160  # past two 64-slot KV buckets; the whole 576 cost minutes in bf16 on CPU (transformers 5.17)
+
+
+def test_bf16_path_is_within_bf16_rounding_and_differs_from_the_reference_loop_only_by_attention(monkeypatch):
     model, processor = build_tiny_model(384)
-    model = model.to(torch.bfloat16)
-    engine = JanusEngine(model, processor)
-    ids = [prompt_ids(engine, PROMPTS[1])]
-    want = reference_generate(model, ids[0], engine.pad_id, 1, 5.0, greedy=True)[0]
+    ids = [generation_ids(processor.tokenizer, PROMPTS[1])]
+    # The real bf16 path (the engine's bucketed attention): its first CFG logits are DeepSeek's fp32 ones to
+    # within what bf16 weights and activations round (measured: 1.3% of the largest logit).
+    exact = first_step_logits(model, ids[0], pad_id(processor.tokenizer), 5.0)
+    bf16 = copy.deepcopy(model).to(torch.bfloat16)
+    engine = first_steps(JanusEngine(bf16, processor), BF16_STEPS)
+    logits = cfg_logits_of(bf16)
     bucketed = engine.generate_image_tokens(ids, [0], 5.0, 0.0)
-    assert (bucketed != want).any()  # or this test no longer shows anything
+    assert (logits[0][0].double() - exact).abs().max() <= 0.03 * exact.abs().max()
+    assert bucketed[0, 0] == exact.argmax()
+    # With the reference's attention call in its place, every other operation (CFG mix in bf16 included) is
+    # the reference loop's, to the bit.
+    want = reference_generate(bf16, ids[0], pad_id(processor.tokenizer), 1, 5.0, greedy=True, steps=BF16_STEPS)[0]
     monkeypatch.setattr(decoder, "F", SimpleNamespace(scaled_dot_product_attention=reference_attention))
     np.testing.assert_array_equal(engine.generate_image_tokens(ids, [0], 5.0, 0.0).numpy(), want.numpy())
 
@@ -121,17 +160,12 @@ def test_seeds_and_image_indices_give_different_images(engine):
     )
 
 
-def test_top_k_one_is_greedy_and_top_k_restricts_support(engine):
+def test_top_k_one_and_a_tiny_top_p_are_greedy(engine):
     greedy = engine.generate_images(["a red fox"], images_per_prompt=1, greedy=True)
     top1 = engine.generate_images(["a red fox"], images_per_prompt=2, top_k=1, seed=3)
     tiny_p = engine.generate_images(["a red fox"], images_per_prompt=2, top_p=1e-6, seed=3)
     for r in top1 + tiny_p:
         np.testing.assert_array_equal(r.tokens, greedy[0].tokens)
-    probs = first_step_distribution(engine.model, prompt_ids(engine, "a red fox"), engine.pad_id, 5.0, 1.0)
-    top5 = set(np.argsort(probs)[-5:].tolist())
-    sampled = engine.generate_images(["a red fox"], images_per_prompt=64, top_k=5, seed=4)
-    first = {int(r.tokens[0]) for r in sampled}
-    assert first <= top5 and len(first) > 1
 
 
 # ---- sampled mode matches the reference in distribution ----------------------------------------------
@@ -140,50 +174,37 @@ N_SAMPLES = 3000
 P_MIN = 1e-3  # stated tolerance: a correct sampler fails this test with probability 0.1% (fixed seeds)
 
 
-def gof_pvalue(samples: np.ndarray, probs: np.ndarray) -> float:
-    """Chi-square goodness of fit; bins with expected count < 5 are pooled into one."""
-    counts = np.bincount(samples, minlength=len(probs))
-    expected = probs * len(samples)
-    big = expected >= 5
-    obs = np.append(counts[big], counts[~big].sum())
-    exp = np.append(expected[big], expected[~big].sum())
-    return float(chisquare(obs, exp * obs.sum() / exp.sum()).pvalue)
-
-
-def two_sample_pvalue(a: np.ndarray, b: np.ndarray) -> float:
-    """Chi-square test that two samples of token ids come from one distribution (rare tokens pooled)."""
-    size = max(a.max(), b.max()) + 1
-    ca, cb = np.bincount(a, minlength=size), np.bincount(b, minlength=size)
-    big = (ca + cb) >= 10
-    table = np.array([np.append(ca[big], ca[~big].sum()), np.append(cb[big], cb[~big].sum())])
-    table = table[:, table.sum(0) > 0]
-    return float(chi2_contingency(table).pvalue)
-
-
-def sample_tokens(engine: JanusEngine, prompt: str, cfg_weight: float, temperature: float, seed: int) -> np.ndarray:
-    """N_SAMPLES images of one prompt, in one batch, tokens only (no VQ decode: faster)."""
+def sample_tokens(
+    engine: JanusEngine,
+    prompt: str,
+    cfg_weight: float,
+    temperature: float,
+    seed: int,
+    steps: int,
+    top_k: int | None = None,
+    top_p: float | None = None,
+) -> np.ndarray:
+    """The first `steps` tokens of N_SAMPLES images of one prompt, in one batch (no VQ decode)."""
     keys = [row_key(seed, id32(prompt), i) for i in range(N_SAMPLES)]
     ids = prompt_ids(engine, prompt)
-    return engine.generate_image_tokens([ids] * N_SAMPLES, keys, cfg_weight, temperature).numpy()
+    short = first_steps(engine, steps)
+    return short.generate_image_tokens([ids] * N_SAMPLES, keys, cfg_weight, temperature, top_k, top_p).numpy()
 
 
 @pytest.mark.parametrize("prompt,cfg_weight,temperature", [("a red fox", 5.0, 1.0), (PROMPTS[1], 3.0, 1.5)])
 def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, cfg_weight, temperature):
     ids = prompt_ids(engine, prompt)
-    first = sample_tokens(engine, prompt, cfg_weight, temperature, seed=11)[:, 0]
-    exact = first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature)
+    pad = pad_id(engine.tokenizer)
+    first = sample_tokens(engine, prompt, cfg_weight, temperature, seed=11, steps=1)[:, 0]
+    exact = first_step_distribution(engine.model, ids, pad, cfg_weight, temperature)
     assert gof_pvalue(first, exact) > P_MIN
 
     # The same test rejects the mistakes it is meant to catch.
     bos, boi = ids[0], ids[-1]
     wrong = {
-        "no CFG / unmasked unconditional rows": first_step_distribution(
-            engine.model, ids, engine.pad_id, 1.0, temperature
-        ),
-        "temperature too low": first_step_distribution(engine.model, ids, engine.pad_id, cfg_weight, temperature * 0.7),
-        "temperature too high": first_step_distribution(
-            engine.model, ids, engine.pad_id, cfg_weight, temperature * 1.4
-        ),
+        "no CFG / unmasked unconditional rows": first_step_distribution(engine.model, ids, pad, 1.0, temperature),
+        "temperature too low": first_step_distribution(engine.model, ids, pad, cfg_weight, temperature * 0.7),
+        "temperature too high": first_step_distribution(engine.model, ids, pad, cfg_weight, temperature * 1.4),
         "unconditional row without pad": first_step_distribution(
             engine.model, [bos, *ids[1:-1], boi], -1, cfg_weight, temperature, uncond_ids=[bos, boi]
         ),
@@ -192,18 +213,60 @@ def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, 
         assert gof_pvalue(first, probs) < 1e-6, mistake
 
 
-def test_sampled_later_steps_match_reference_multinomial(engine):
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.5), (10, 0.6)], ids=["top_k", "top_p", "both"])
+def test_top_k_and_top_p_sample_the_exact_truncated_distribution(engine, top_k, top_p):
+    exact = first_step_distribution(engine.model, prompt_ids(engine, "a red fox"), pad_id(engine.tokenizer), 5.0, 1.0)
+    want = truncated(exact, top_k, top_p)
+    first = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=4, steps=1, top_k=top_k, top_p=top_p)[:, 0]
+    assert gof_pvalue(first, want) > P_MIN
+    assert 2 < np.count_nonzero(want) < 40  # a real truncation, far from the extremes
+    # Not truncating, truncating more, or (with both) applying only one of them, is rejected.
+    if top_k and top_p:
+        wrong = [(None, None), (top_k, None), (None, top_p)]
+    else:
+        wrong = [(None, None), (top_k - 1, None) if top_k else (None, top_p - 0.2)]
+    for k, p in wrong:
+        assert gof_pvalue(first, truncated(exact, k, p)) < 1e-6, (k, p)
+
+
+def test_sampled_token_pairs_match_the_reference_multinomial(engine):
+    # The joint law of (token 0, token 1): a sampler that reused step 0's noise at step 1 keeps each step's
+    # marginal near the reference's, but not the pairs.
     ids = prompt_ids(engine, "a red fox")
-    mine = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=5)
+    mine = sample_tokens(engine, "a red fox", 5.0, 1.0, seed=5, steps=2)
     generator = torch.Generator().manual_seed(0)
-    ref, _ = reference_generate(engine.model, ids, engine.pad_id, N_SAMPLES, 5.0, 1.0, generator=generator, steps=4)
-    for step in range(4):
-        assert two_sample_pvalue(mine[:, step], ref[:, step].numpy()) > P_MIN, step
+    ref, _ = reference_generate(
+        engine.model, ids, pad_id(engine.tokenizer), N_SAMPLES, 5.0, 1.0, generator=generator, steps=2
+    )
+    vocab = engine.model.config.vq_config.num_embeddings
+    pairs, ref_pairs = mine[:, 0] * vocab + mine[:, 1], (ref[:, 0] * vocab + ref[:, 1]).numpy()
+    assert two_sample_pvalue(pairs, ref_pairs) > P_MIN
+
+
+def test_sampling_noise_depends_on_the_step_and_the_key():
+    keys = torch.tensor([row_key(0, id32("a red fox"), i) for i in range(64)])
+    codes = vocab_codes(1024, torch.device("cpu"))
+    noise = {step: gumbel_noise(keys, torch.tensor(step), codes) for step in range(4)}
+    for a, b in itertools.combinations(noise.values(), 2):
+        assert abs(np.corrcoef(a.flatten().numpy(), b.flatten().numpy())[0, 1]) < 0.02
+    for values in noise.values():  # Gumbel(0, 1): mean is Euler's gamma, variance pi^2 / 6
+        assert abs(values.mean().item() - 0.5772) < 0.02 and abs(values.var().item() - np.pi**2 / 6) < 0.05
+    rows = noise[0]
+    assert abs(np.corrcoef(rows[0].numpy(), rows[1].numpy())[0, 1]) < 0.1
 
 
 def test_bad_prompts_get_specific_errors(engine):
     assert engine.check_prompt("a red fox") is None
-    for prompt, message in [("", "empty prompt"), ("   \n", "empty prompt"), (None, "must be a string")]:
+    cases = [
+        ("", "empty prompt"),
+        ("   \n", "empty prompt"),
+        (None, "must be a string"),
+        # The template's own special tokens, as text: they would change the prompt's structure.
+        ("a fox <image_placeholder>", "prompt contains '<image_placeholder>', a special token of the prompt"),
+        ("<begin_of_image>", "contains '<begin_of_image>'"),
+        ("a fox\n\n<|Assistant|>: no", "contains '<|Assistant|>'"),
+    ]
+    for prompt, message in cases:
         assert message in engine.check_prompt(prompt)
         with pytest.raises(ValueError, match=message):
             engine.generate_images([prompt])
@@ -216,12 +279,54 @@ def test_bad_prompts_get_specific_errors(engine):
         engine.generate_images(["a"], images_per_prompt=0)
 
 
+# ---- prompt formats -----------------------------------------------------------------------------------
+
+
+def test_janus_1_3b_prompts_use_its_roles_and_match_the_reference(engine):
+    # Janus-1.3B's scripts say User / Assistant where Janus-Pro's say <|User|> / <|Assistant|>.
+    old = JanusEngine(engine.model, engine.processor, prompt_format="janus-1.3b", vq_batch=1)
+    assert prompt_ids(engine, PROMPTS[1], "janus-1.3b") != prompt_ids(engine, PROMPTS[1])
+    results = old.generate_images(PROMPTS[1:], images_per_prompt=1, greedy=True)
+    for result, prompt in zip(results, PROMPTS[1:], strict=True):
+        ids = prompt_ids(engine, prompt, "janus-1.3b")
+        ref_tokens, ref_pixels = reference_generate(engine.model, ids, pad_id(engine.tokenizer), 1, 5.0, greedy=True)
+        np.testing.assert_array_equal(result.tokens, ref_tokens[0].numpy())
+        np.testing.assert_array_equal(result.pixels, ref_pixels[0])
+    assert old.check_prompt("User: a fox") is None  # plain text in this format, not a special token
+
+
+def test_prompt_format_is_told_from_the_checkpoint(engine):
+    model, processor = engine.model, engine.processor
+    told = {
+        "deepseek-ai/Janus-1.3B": "janus-1.3b",
+        "s3://models/janus/janus-1.3b/": "janus-1.3b",
+        "/models/Janus-1.3B-hf": "janus-1.3b",
+        "deepseek-ai/Janus-Pro-1B": "janus-pro",
+        "deepseek-community/Janus-Pro-7B": "janus-pro",
+        "/models/janus-1.3b/snapshot": "janus-pro",  # only the last part of the name counts
+        "": "janus-pro",
+    }
+    for name, prompt_format in told.items():
+        assert JanusEngine(model, processor, model_id=name).prompt_format == prompt_format, name
+    assert JanusEngine(
+        model, processor, model_id="deepseek-ai/Janus-1.3B", prompt_format="janus-pro"
+    ).prompt_format == ("janus-pro")
+    recorded = copy.copy(model.config)
+    recorded.prompt_format = "janus-1.3b"  # as the converter writes it into config.json
+    with pytest.MonkeyPatch.context() as patch:
+        patch.setattr(model, "config", recorded)
+        assert JanusEngine(model, processor, model_id="/models/converted").prompt_format == "janus-1.3b"
+    with pytest.raises(ValueError, match="prompt_format must be 'auto' or one of"):
+        JanusEngine(model, processor, prompt_format="llama")
+
+
 # ---- designed for the GPU path -----------------------------------------------------------------------
 
 
 def count_host_round_trips(monkeypatch) -> Counter:
     """Counts what costs a host round trip on a GPU: tensors made from Python data (a blocking copy to the
-    device), `.item()`, `.tolist()` and `bool()` of a tensor (a wait for the device)."""
+    device); `.item()`, `.tolist()`, `bool()` and `int()` of a tensor, `.cpu()`, `.numpy()` and `nonzero` (a
+    wait for the device)."""
     counts: Counter = Counter()
 
     def counting(name, fn):
@@ -231,8 +336,9 @@ def count_host_round_trips(monkeypatch) -> Counter:
 
         return wrapper
 
-    monkeypatch.setattr(torch, "tensor", counting("tensor", torch.tensor))
-    for method in ("item", "tolist", "__bool__"):
+    for function in ("tensor", "nonzero"):
+        monkeypatch.setattr(torch, function, counting(function, getattr(torch, function)))
+    for method in ("item", "tolist", "__bool__", "__int__", "cpu", "numpy", "nonzero"):
         monkeypatch.setattr(torch.Tensor, method, counting(method, getattr(torch.Tensor, method)))
     return counts
 

@@ -1,4 +1,5 @@
-"""Understanding: greedy output token-identical to transformers' own generate, batched and one at a time."""
+"""Understanding: greedy output token-identical to transformers' own generate on the prompts DeepSeek's rules build
+(tests/reference.py), batched and one at a time; sampled output in the exact distribution."""
 
 from __future__ import annotations
 
@@ -9,11 +10,12 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import JanusEngine, decoder
+from janus_batch.engine import JanusEngine, decoder, sampling
 from janus_batch.engine import engine as engine_module
 from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, understanding_prompt
 from janus_batch.engine.images import normalize
 from janus_batch.model.tiny import build_tiny_model
+from tests.reference import gof_pvalue, pad_id, truncated, understanding_ids
 
 
 @pytest.fixture(scope="module")
@@ -30,15 +32,20 @@ def sample_images() -> list[Image.Image]:
     return [noise, gradient.convert("RGB"), red]
 
 
-QUESTIONS = [None, "What colour is the object in the middle of this picture?", "How many?"]
+# Whitespace around questions, as Parquet columns often carry it: DeepSeek strips the message
+# "<image_placeholder>\n{question}", so a question's end.
+QUESTIONS = [None, "  What colour is the object in the middle of this picture?\n", "How many? "]
 
 
-def hf_generate(engine: JanusEngine, images, questions, max_new_tokens: int) -> list[list[int]]:
-    """transformers' JanusForConditionalGeneration.generate(generation_mode="text") on the same inputs."""
+def hf_generate(
+    engine: JanusEngine, images, questions, max_new_tokens: int, prompt_format: str = "janus-pro"
+) -> list[list[int]]:
+    """transformers' JanusForConditionalGeneration.generate(generation_mode="text") on the same images, with the
+    prompts DeepSeek's rules build (reference.py), left-padded with the pad token named as DeepSeek does."""
     texts = [q or "Describe this image in detail." for q in questions]
-    prompts = [engine.encode(understanding_prompt(t, engine.num_image_tokens, engine.system_prompt)) for t in texts]
+    prompts = [understanding_ids(engine.tokenizer, t, engine.num_image_tokens, prompt_format) for t in texts]
     width = max(map(len, prompts))
-    ids = torch.tensor([[engine.pad_id] * (width - len(p)) + p for p in prompts])
+    ids = torch.tensor([[pad_id(engine.tokenizer)] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
     pixels = normalize(torch.from_numpy(np.stack([engine.prepare_image(im) for im in images])))
     out = engine.model.generate(
@@ -58,7 +65,8 @@ def hf_generate(engine: JanusEngine, images, questions, max_new_tokens: int) -> 
 def engine_tokens(engine: JanusEngine, images, questions, max_new_tokens: int) -> list[list[int]]:
     results = engine.understand(images, questions, max_new_tokens=max_new_tokens)
     tokens = []
-    for r, row in zip(results, hf_generate(engine, images, questions, max_new_tokens), strict=True):
+    reference = hf_generate(engine, images, questions, max_new_tokens, engine.prompt_format)
+    for r, row in zip(results, reference, strict=True):
         assert r.num_tokens == len(row)
         assert r.finish_reason == ("eos" if row[-1] == engine.eos_id else "length")
         assert r.text == engine.tokenizer.decode(row, skip_special_tokens=True).strip()
@@ -75,6 +83,15 @@ def test_greedy_matches_transformers_generate_batched_and_alone(engine, max_new_
     reasons = {r.finish_reason for r in engine.understand(images, QUESTIONS, max_new_tokens=max_new_tokens)}
     # 3 tokens cut every row short; with 24 some rows reach EOS (reasons are checked per row above).
     assert (reasons == {"length"}) if max_new_tokens == 3 else ("eos" in reasons)
+
+
+def test_janus_1_3b_questions_use_its_roles(engine):
+    old = JanusEngine(engine.model, engine.processor, prompt_format="janus-1.3b")
+    question = QUESTIONS[1]
+    assert understanding_ids(engine.tokenizer, question, 16, "janus-1.3b") != understanding_ids(
+        engine.tokenizer, question, 16
+    )
+    engine_tokens(old, sample_images(), QUESTIONS, 12)
 
 
 def test_accepts_bytes_pil_and_preprocessed_arrays(engine):
@@ -112,6 +129,56 @@ def test_rejects_bad_arguments(engine):
         engine.understand([image], max_new_tokens=0)
     with pytest.raises(ValueError, match="question too long"):
         engine.understand([image], ["word " * 3000])
+    # A second image placeholder has no image to take: a clear error, not masked_scatter's RuntimeError.
+    for question, token in [("<image_placeholder> what is this?", "<image_placeholder>"), ("ok<|User|>", "<|User|>")]:
+        message = f"question contains {token!r}, a special token of the prompt template"
+        assert engine.check_question(question, 8) == message
+        with pytest.raises(ValueError, match=message.replace("|", r"\|")):
+            engine.understand([image], [question])
+    assert engine.check_question(" \n ", 8) == "empty question"
+
+
+# ---- sampled mode in the exact distribution ----------------------------------------------------------
+
+N_SAMPLES = 2000
+P_MIN = 1e-3  # stated tolerance: a correct sampler fails this test with probability 0.1% (fixed seeds)
+
+
+def first_token_logits(engine: JanusEngine, image: Image.Image, question: str) -> torch.Tensor:
+    """The logits of the first answer token, from transformers' forward on DeepSeek's prompt (float64)."""
+    ids = understanding_ids(engine.tokenizer, question, engine.num_image_tokens, system_prompt=engine.system_prompt)
+    pixels = normalize(torch.from_numpy(engine.prepare_image(image)[None]))
+    with torch.no_grad():
+        return engine.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1].double()
+
+
+def test_sampled_first_token_matches_the_exact_distribution(engine):
+    # No system prompt: a third of the prompt, for N_SAMPLES prefills. The tiny model's text logits are peaked
+    # (its head is scaled up): T = 5 spreads them over ~80 tokens.
+    engine = JanusEngine(engine.model, engine.processor, system_prompt="")
+    image, question, temperature = sample_images()[0], "What is in the picture?", 5.0
+    logits = first_token_logits(engine, image, question)
+    pixels = np.stack([engine.prepare_image(image)] * N_SAMPLES)
+    keys = [sampling.row_key(9, sampling.id32(i), 0) for i in range(N_SAMPLES)]
+    ids = [engine.understanding_ids(question)] * N_SAMPLES
+    first = engine.generate_text_tokens(ids, pixels, keys, 1, temperature)[:, 0].numpy()
+    assert gof_pvalue(first, torch.softmax(logits / temperature, -1).numpy()) > P_MIN
+    for wrong in (temperature * 0.7, temperature * 1.4):
+        assert gof_pvalue(first, torch.softmax(logits / wrong, -1).numpy()) < 1e-6
+
+
+@pytest.mark.parametrize("top_k,top_p", [(4, None), (None, 0.6), (8, 0.75)], ids=["top_k", "top_p", "both"])
+def test_the_sampler_truncates_text_logits_exactly(engine, top_k, top_p):
+    # The sampler both modes share, on a real text distribution (400 tokens, not the 256 image codes), at T = 5.
+    logits = first_token_logits(engine, sample_images()[1], "How many?").float()
+    exact = torch.softmax(logits.double() / 5.0, -1).numpy()
+    want = truncated(exact, top_k, top_p)
+    assert 2 < np.count_nonzero(want) < 50
+    keys = torch.tensor([sampling.row_key(2, 7, i) for i in range(N_SAMPLES)])
+    codes = sampling.vocab_codes(len(logits), torch.device("cpu"))
+    tokens = sampling.sample(logits.expand(N_SAMPLES, -1), keys, torch.tensor(0), codes, 5.0, top_k, top_p).numpy()
+    assert gof_pvalue(tokens, want) > P_MIN
+    assert gof_pvalue(tokens, exact) < 1e-6
 
 
 def test_prefill_in_chunks_and_small_batches_change_nothing(engine, monkeypatch):

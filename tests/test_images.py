@@ -1,8 +1,10 @@
-"""Image inputs: DeepSeek's preprocessing, documented conversions, and specific errors for bad bytes."""
+"""Image inputs: DeepSeek's preprocessing with the checkpoint's settings, documented conversions, and specific
+errors for bad bytes."""
 
 from __future__ import annotations
 
 import io
+import json
 import struct
 import zlib
 
@@ -12,8 +14,12 @@ import torch
 from PIL import Image
 
 from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
-from janus_batch.engine.images import PAD_GRAY, normalize, to_rgb
+from janus_batch.engine.images import normalize, to_rgb, value_table
+from janus_batch.model.loading import Preprocessing, load_janus
 from janus_batch.model.tiny import build_tiny_model
+from tests.reference import reference_pixels
+
+GRAY = (127, 127, 127)  # int(0.5 * 255): the published checkpoints' background colour
 
 
 def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
@@ -27,7 +33,7 @@ def test_preprocess_resizes_long_side_and_pads_with_gray():
     pixels = preprocess_image(red, 384)
     assert pixels.shape == (384, 384, 3) and pixels.dtype == np.uint8
     # 200x100 -> 384x192, centred: rows 0..95 and 288..383 are padding.
-    assert (pixels[:96] == PAD_GRAY).all() and (pixels[288:] == PAD_GRAY).all()
+    assert (pixels[:96] == GRAY).all() and (pixels[288:] == GRAY).all()
     assert (pixels[100:280, 10:370] == (255, 0, 0)).all()
 
 
@@ -40,6 +46,86 @@ def test_normalize_scales_to_minus_one_one_as_deepseek_does():
     assert np.array_equal(scaled[1].numpy(), deepseek)
     assert scaled[0, :, 0, 0].tolist() == [(np.float32(127) / 255 - 0.5) / 0.5] * 3
     assert scaled[0, :, 200, 200].tolist() == [1.0, -1.0, -1.0]
+
+
+# preprocessor_config.json settings: the published ones, Janus-1.3B's first revision (no normalisation), and
+# another mean / std / minimum side / rescale factor.
+SETTINGS = {
+    "published": {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255, "min_size": 14},
+    "janus-1.3b-08b9a5d": {"image_mean": [0.5] * 3, "image_std": [0.5] * 3, "rescale_factor": 1 / 255, "min_size": 14},
+    "clip": {
+        "image_mean": [0.48145466, 0.4578275, 0.40821073],
+        "image_std": [0.26862954, 0.26130258, 0.27577711],
+        "rescale_factor": 0.0039,
+        "min_size": 40,
+    },
+}
+NORMALIZE = {"published": True, "janus-1.3b-08b9a5d": False, "clip": True}
+
+
+def preprocessing_of(name: str) -> Preprocessing:
+    settings = SETTINGS[name]
+    return Preprocessing(
+        image_mean=tuple(settings["image_mean"]),
+        image_std=tuple(settings["image_std"]),
+        rescale_factor=settings["rescale_factor"],
+        do_normalize=NORMALIZE[name],
+        min_size=settings["min_size"],
+    )
+
+
+@pytest.mark.parametrize("name", sorted(SETTINGS))
+def test_preprocessing_is_deepseeks_with_the_checkpoints_settings(name):
+    # Bit for bit DeepSeek's VLMImageProcessor (tests/reference.py) for each setting, on wide, tall, square
+    # and thin images (the thin ones meet min_size).
+    preprocessing = preprocessing_of(name)
+    table = torch.from_numpy(value_table(preprocessing))
+    rng = np.random.default_rng(0)
+    for w, h in [(640, 480), (300, 600), (384, 384), (1000, 12), (9, 700)]:
+        image = Image.fromarray(rng.integers(0, 256, (h, w, 3), dtype=np.uint8))
+        ours = normalize(torch.from_numpy(preprocess_image(image, 384, preprocessing)[None]), table)[0].numpy()
+        theirs = reference_pixels(image, 384, {**SETTINGS[name], "do_normalize": NORMALIZE[name]})
+        np.testing.assert_array_equal(ours, theirs, err_msg=f"{w}x{h}")
+
+
+@pytest.mark.parametrize("layout", ["processor_config.json", "preprocessor_config.json"])
+def test_the_engine_preprocesses_as_the_checkpoint_says(tiny_model_dir, tmp_path, layout):
+    # The settings as transformers 5 saves them (a section of processor_config.json), or in their own file
+    # (DeepSeek's and transformers 4's, e.g. deepseek-community/*). Janus-1.3B's first revision has
+    # do_normalize false: the vision tower then gets pixels in [0, 1].
+    local = tmp_path / "model"
+    local.mkdir()
+    for path in tiny_model_dir.iterdir():
+        (local / path.name).write_bytes(path.read_bytes())
+    processor_config = json.loads((local / "processor_config.json").read_text())
+    settings = {**SETTINGS["clip"], "do_normalize": False}
+
+    def write_settings(values: dict) -> None:
+        if layout == "processor_config.json":
+            config = {**processor_config, "image_processor": values}
+        else:
+            config = {**values, "image_processor_type": "VLMImageProcessor", "image_size": 64}
+        (local / layout).write_text(json.dumps(config))
+
+    write_settings({**processor_config["image_processor"], **settings})
+    engine = JanusEngine.from_pretrained(str(local), device="cpu")
+    assert engine.preprocessing == Preprocessing(
+        image_mean=tuple(settings["image_mean"]),
+        image_std=tuple(settings["image_std"]),
+        rescale_factor=0.0039,
+        do_normalize=False,
+        min_size=40,
+    )
+    seen = []
+    engine.model.model.vision_model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
+    image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 64, 3), dtype=np.uint8))
+    engine.understand([image], max_new_tokens=1)
+    np.testing.assert_array_equal(seen[0][0].numpy(), reference_pixels(image, 64, settings))
+
+    # Without the settings: the published checkpoints' values (not transformers' CLIP defaults).
+    write_settings({"do_normalize": True})
+    assert list(load_janus(str(local), device="cpu").processor.image_processor.image_mean) == [0.5] * 3
+    assert JanusEngine.from_pretrained(str(local), device="cpu").preprocessing == Preprocessing()
 
 
 def test_preprocess_matches_transformers_janus_image_processor():

@@ -1,10 +1,12 @@
-"""load_janus: every source (directory, HF cache, s3://), both checkpoint formats, and every error."""
+"""load_janus: every source (directory, HF cache, s3://), both checkpoint formats, and every error; the converter
+pinned to the published checkpoints' key names, shapes and configs (tests/data/checkpoints)."""
 
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -17,8 +19,17 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
-from transformers import JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
+from transformers import (
+    JanusConfig,
+    JanusForConditionalGeneration,
+    JanusImageProcessorPil,
+    JanusProcessor,
+    JanusVisionConfig,
+    JanusVQVAEConfig,
+    LlamaConfig,
+)
 
+from janus_batch.engine import JanusEngine
 from janus_batch.model import (
     CorruptWeightsError,
     ModelLoadError,
@@ -33,6 +44,25 @@ from janus_batch.model import (
 from janus_batch.model.tiny import BOS, EOS, IMAGE, PAD, build_tiny_model, write_tiny_model
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
+# Facts about the published checkpoints (tests/data/checkpoints/README.md): configs and processor files as
+# published, and every original tensor's name and shape.
+CHECKPOINTS = Path(__file__).parent / "data" / "checkpoints"
+PUBLISHED = ("Janus-Pro-7B", "Janus-Pro-1B", "Janus-1.3B")
+# Special ids of the real tokenizer (DESIGN.md).
+REAL_IDS = dict(image_token_id=100581, bos_token_id=100000, eos_token_id=100001, pad_token_id=100002)
+
+
+def published_config(name: str) -> dict:
+    return json.loads((CHECKPOINTS / "configs" / name / "config.json").read_text())
+
+
+def published_keys(name: str) -> dict[str, list[int]]:
+    return json.loads((CHECKPOINTS / "keys" / f"{name}.original.json").read_text())
+
+
+def key_patterns(keys) -> set[str]:
+    """Tensor names with their layer and block numbers as '#'."""
+    return {re.sub(r"\.\d+(?=\.|$)", ".#", key) for key in keys}
 
 
 @pytest.fixture(scope="module")
@@ -307,6 +337,62 @@ def test_s3_pickle_only_fails_before_downloading(s3_server, tiny_model_dir, tiny
 # ---- DeepSeek's original format -----------------------------------------------------------------------
 
 
+# DeepSeek's module names for transformers' (janus/models: siglip_vit.py, projector.py, vq_model.py and
+# modeling_vlm.py), written out here apart from convert.KEY_RULES, the table under test; the published key names
+# pin them (test_the_tiny_original_checkpoint_has_the_published_names).
+DEEPSEEK_NAMES = [
+    (r"^model\.language_model\.", "language_model.model."),
+    (r"^lm_head\.", "language_model.lm_head."),
+    (r"^model\.vision_model\.embeddings\.patch_embedding\.", "vision_model.vision_tower.patch_embed.proj."),
+    (r"^model\.vision_model\.embeddings\.position_embedding\.weight$", "vision_model.vision_tower.pos_embed"),
+    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.layer_norm(\d)\.", r"vision_model.vision_tower.blocks.\1.norm\2."),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.qkv\.",
+        r"vision_model.vision_tower.blocks.\1.attn.qkv.",
+    ),
+    (
+        r"^model\.vision_model\.encoder\.layers\.(\d+)\.self_attn\.projection_layer\.",
+        r"vision_model.vision_tower.blocks.\1.attn.proj.",
+    ),
+    (r"^model\.vision_model\.encoder\.layers\.(\d+)\.mlp\.", r"vision_model.vision_tower.blocks.\1.mlp."),
+    (r"^model\.vision_model\.post_layernorm\.", "vision_model.vision_tower.norm."),
+    (r"^model\.aligner\.fc1\.", "aligner.layers.0."),  # MlpProjector: Sequential(Linear, GELU, Linear)
+    (r"^model\.aligner\.hidden_layers\.0\.", "aligner.layers.2."),
+    (r"^model\.generation_aligner\.fc1\.", "gen_aligner.layers.0."),
+    (r"^model\.generation_aligner\.hidden_layers\.0\.", "gen_aligner.layers.2."),
+    (r"^model\.generation_head\.proj_out\.", "gen_head.output_mlp_projector."),
+    (r"^model\.generation_head\.vision_head\.", "gen_head.vision_head."),
+    (r"^model\.generation_embeddings\.", "gen_embed."),
+    (r"^model\.vqmodel\.(en|de)coder\.(?:down|up)\.(\d+)\.block\.", r"gen_vision_model.\1coder.conv_blocks.\2.res."),
+    (r"^model\.vqmodel\.(en|de)coder\.(?:down|up)\.", r"gen_vision_model.\1coder.conv_blocks."),
+    (r"^model\.vqmodel\.(en|de)coder\.mid\.block_1\.", r"gen_vision_model.\1coder.mid.0."),
+    (r"^model\.vqmodel\.(en|de)coder\.mid\.attn_1\.", r"gen_vision_model.\1coder.mid.1."),
+    (r"^model\.vqmodel\.(en|de)coder\.mid\.block_2\.", r"gen_vision_model.\1coder.mid.2."),
+    (r"^model\.vqmodel\.", "gen_vision_model."),
+]
+
+
+def deepseek_state_dict(hf: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """transformers' Janus weights in DeepSeek's names and layout: the ViT's q/k/v fused into one qkv, its
+    position embedding with timm's batch axis; plus the tensors the published checkpoints hold that Janus does
+    not use (SigLIP's attention pool, the VQ codebook-usage counter), with the published names."""
+    original = {}
+    for key, tensor in hf.items():
+        fused = re.match(r"(model\.vision_model\..*\.self_attn\.)([qkv])_proj\.(.*)", key)
+        if fused and fused[2] != "q":
+            continue
+        if fused:
+            tensor = torch.cat([hf[f"{fused[1]}{p}_proj.{fused[3]}"] for p in "qkv"])
+            key = f"{fused[1]}qkv.{fused[3]}"
+        if key.endswith("position_embedding.weight"):
+            tensor = tensor[None]
+        name = next(re.sub(p, r, key) for p, r in DEEPSEEK_NAMES if re.match(p, key))
+        original[name] = tensor.contiguous().clone()
+    unused = [k for k in published_keys("Janus-Pro-1B") if "attn_pool" in k or k.endswith("codebook_used")]
+    original.update({k: torch.zeros(4) for k in unused})
+    return original
+
+
 def write_original_checkpoint(out: Path, image_size: int = 64, pickle: bool = False) -> Path:
     """The tiny model laid out as deepseek-ai publishes Janus: DeepSeek's config, key names and processor
     files, weights in two shards plus the tensors Janus does not use."""
@@ -385,9 +471,7 @@ def write_original_checkpoint(out: Path, image_size: int = 64, pickle: bool = Fa
     }
     out.mkdir(parents=True)
     (out / "config.json").write_text(json.dumps(config, indent=2))
-    weights = {k: v.contiguous().clone() for k, v in convert.original_state_dict_from_hf(model.state_dict()).items()}
-    weights["vision_model.vision_tower.attn_pool.latent"] = torch.zeros(1, 1, vision.hidden_size)
-    weights["gen_vision_model.quantize.codebook_used"] = torch.zeros(65536)
+    weights = deepseek_state_dict(model.state_dict())
     keys = sorted(weights)
     stem, suffix = ("pytorch_model", "bin") if pickle else ("model", "safetensors")
     weight_map = {}
@@ -499,71 +583,257 @@ def test_convert_cli_writes_a_hugging_face_checkpoint(tmp_path, tiny64, capsys):
         convert.main([str(source), str(tmp_path / "hf")])
 
 
-# Published config.json of deepseek-ai/Janus-Pro-7B and -1B, less the keys conversion ignores.
-def published_config(hidden: int, layers: int, heads: int, ffn: int) -> dict:
-    return {
-        "model_type": "multi_modality",
-        "language_config": {
-            "hidden_size": hidden,
-            "intermediate_size": ffn,
-            "max_position_embeddings": 16384,
-            "model_type": "llama",
-            "num_attention_heads": heads,
-            "num_hidden_layers": layers,
-            "num_key_value_heads": heads,
-            "torch_dtype": "bfloat16",
-            "vocab_size": 102400,
-        },
-        "vision_config": {
-            "cls": "CLIPVisionTower",
-            "model_type": "vision",
-            "params": {
-                "image_size": 384,
-                "model_name": "siglip_large_patch16_384",
-                "select_feature": "same",
-                "select_layer": -1,
-            },
-        },
-        "aligner_config": {
-            "cls": "MlpProjector",
-            "model_type": "aligner",
-            "params": {"depth": 2, "input_dim": 1024, "n_embed": hidden, "projector_type": "mlp_gelu"},
-        },
-        "gen_vision_config": {
-            "cls": "VQ-16",
-            "model_type": "gen_vision",
-            "params": {"image_token_size": 16384, "n_embed": 8},
-        },
-        "gen_aligner_config": {
-            "cls": "MlpProjector",
-            "model_type": "gen_aligner",
-            "params": {"depth": 2, "input_dim": 8, "n_embed": hidden, "projector_type": "mlp_gelu"},
-        },
-        "gen_head_config": {
-            "cls": "vision_head",
-            "model_type": "gen_head",
-            "params": {"image_token_embed": hidden, "image_token_size": 16384, "n_embed": hidden},
-        },
-    }
+def test_the_tiny_original_checkpoint_has_the_published_names(tmp_path):
+    source = write_original_checkpoint(tmp_path / "original")
+    index = json.loads((source / "model.safetensors.index.json").read_text())
+    assert key_patterns(index["weight_map"]) == key_patterns(published_keys("Janus-Pro-1B"))
+
+
+# ---- the published checkpoints -----------------------------------------------------------------------
 
 
 @pytest.mark.parametrize(
-    "dims,params", [((4096, 30, 32, 11008), 7.4078e9), ((2048, 24, 16, 5632), 2.0766e9)], ids=["7B", "1B"]
+    "name,tensors,params",
+    [("Janus-Pro-7B", 1018, 7.4078e9), ("Janus-Pro-1B", 964, 2.0766e9), ("Janus-1.3B", 964, 2.0766e9)],
 )
-def test_published_configs_map_to_the_real_architecture(dims, params):
-    config = convert.janus_config_from_original(
-        published_config(*dims), image_token_id=100581, bos_token_id=100000, eos_token_id=100001, pad_token_id=100002
-    )
-    assert config.vision_config.hidden_size == 1024 and config.vision_config.num_hidden_layers == 24
-    assert config.vision_config.num_image_tokens == 576 and config.vq_config.num_patches == 24
-    assert list(config.vq_config.channel_multiplier) == [1, 1, 2, 2, 4] and config.vq_config.base_channels == 128
+def test_published_keys_convert_to_exactly_the_model_the_config_describes(name, tensors, params):
+    config = convert.janus_config_from_original(published_config(name), **REAL_IDS)
     with torch.device("meta"):
         model = JanusForConditionalGeneration(config)
+    want = {key: tuple(tensor.shape) for key, tensor in model.state_dict().items()}
+    assert len(want) == tensors
     # Janus-Pro's published sizes (7.42B / 2.09B) also count SigLIP's unused pooling head (12.6M).
     assert sum(p.numel() for p in model.parameters()) == pytest.approx(params, rel=1e-4)
-    # Every weight of the real-size model has an original name that maps back to it.
-    for key in model.state_dict():
-        fused = key.replace(".k_proj.", ".qkv.").replace(".v_proj.", ".qkv.").replace(".q_proj.", ".qkv.")
-        name = convert.rename_key(fused if "vision_model.encoder" in key else key, to_hf=False)
-        assert name is not None and convert.rename_key(name) is not None, key
+    original = {key: torch.empty(shape, device="meta") for key, shape in published_keys(name).items()}
+    dropped = sorted(key for key in original if convert.DROPPED.search(key))
+    assert len(dropped) == 14 and dropped[0] == "gen_vision_model.quantize.codebook_used"
+    assert all(".attn_pool." in key for key in dropped[1:])
+    converted = convert.hf_state_dict_from_original(original)
+    assert {key: tuple(tensor.shape) for key, tensor in converted.items()} == want  # nothing missing or extra
     assert len(convert.KEY_RULES) == len({hf for _, hf in convert.KEY_RULES})  # the table is one-to-one
+
+
+def transformers_conversion_config(original: dict) -> JanusConfig:
+    """The config that transformers' own conversion (models/janus/convert_janus_weights_to_hf.py) makes, from
+    what it reads: these language_config keys (and torch_dtype, a setting of the run), the vision image size
+    and aligner width and depth, the VQ sizes, the generation aligner's width and gen_head's image_token_embed;
+    everything else is the config classes' defaults."""
+    language = original["language_config"]
+    text_keys = (
+        "vocab_size",
+        "hidden_size",
+        "intermediate_size",
+        "num_hidden_layers",
+        "num_attention_heads",
+        "num_key_value_heads",
+        "hidden_act",
+        "max_position_embeddings",
+    )
+    text = LlamaConfig(
+        **{key: language[key] for key in text_keys if key in language},
+        pad_token_id=REAL_IDS["pad_token_id"],
+        bos_token_id=REAL_IDS["bos_token_id"],
+        eos_token_id=REAL_IDS["eos_token_id"],
+    )
+    aligner = original["aligner_config"]["params"]
+    vision = JanusVisionConfig(
+        image_size=original["vision_config"]["params"]["image_size"],
+        projection_dim=aligner["n_embed"],
+        depth=aligner["depth"],
+    )
+    gen = original["gen_vision_config"]["params"]
+    vq = JanusVQVAEConfig(
+        embed_dim=gen["n_embed"],
+        num_embeddings=gen["image_token_size"],
+        projection_dim=original["gen_aligner_config"]["params"]["n_embed"],
+        image_token_embed_dim=original["gen_head_config"]["params"]["image_token_embed"],
+    )
+    return JanusConfig(text_config=text, vision_config=vision, vq_config=vq, image_token_id=REAL_IDS["image_token_id"])
+
+
+TEXT_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_parameters",
+    "attention_bias",
+    "mlp_bias",
+    "bos_token_id",
+    "eos_token_id",
+    "pad_token_id",
+)
+# Every field of the vision and VQ configs shapes the model or its numbers.
+VISION_FIELDS = tuple(JanusVisionConfig().to_dict().keys() - JanusConfig().to_dict().keys() - {"model_type"})
+VQ_FIELDS = tuple(JanusVQVAEConfig().to_dict().keys() - JanusConfig().to_dict().keys() - {"model_type"})
+# Where ours differs from transformers' conversion on purpose, and why.
+DELIBERATE = {
+    # transformers' script leaves JanusConfig's default (tied) and calls tie_weights(), which makes lm_head the
+    # input embeddings; the published checkpoints store language_model.lm_head.weight apart from them.
+    "tie_word_embeddings": (False, True),
+}
+
+
+def config_fields(config: JanusConfig) -> dict:
+    fields = {f"text_config.{k}": getattr(config.text_config, k) for k in TEXT_FIELDS}
+    fields |= {f"vision_config.{k}": getattr(config.vision_config, k) for k in VISION_FIELDS}
+    fields |= {f"vq_config.{k}": getattr(config.vq_config, k) for k in VQ_FIELDS}
+    fields = {k: list(v) if isinstance(v, tuple) else v for k, v in fields.items()}
+    return fields | {"image_token_id": config.image_token_id, "tie_word_embeddings": config.tie_word_embeddings}
+
+
+@pytest.mark.parametrize("name", PUBLISHED)
+def test_the_converted_config_is_what_transformers_conversion_makes(name):
+    ours = config_fields(convert.janus_config_from_original(published_config(name), **REAL_IDS))
+    theirs = config_fields(transformers_conversion_config(published_config(name)))
+    assert len(VISION_FIELDS) > 10 and len(VQ_FIELDS) > 10
+    assert {k: (ours[k], theirs[k]) for k in ours if ours[k] != theirs[k]} == DELIBERATE
+
+
+def test_only_the_language_fields_that_shape_the_model_are_taken():
+    # A re-saved copy's language_config carries settings of a run; DeepSeek's LlamaConfig(**...) would take them
+    # all, but they are not the model's.
+    clean = convert.janus_config_from_original(published_config("Janus-Pro-7B"), **REAL_IDS)
+    resaved = published_config("Janus-Pro-7B")
+    resaved["language_config"] |= {
+        "use_cache": False,
+        "output_attentions": True,
+        "_name_or_path": "/data/janus",
+        "architectures": ["LlamaForCausalLM"],
+        "transformers_version": "4.38.2",
+    }
+    assert convert.janus_config_from_original(resaved, **REAL_IDS).text_config.to_dict() == clean.text_config.to_dict()
+    tuned = published_config("Janus-Pro-7B")
+    tuned["language_config"] |= {"rms_norm_eps": 1e-5, "rope_theta": 500000.0}  # these shape the numbers: kept
+    text = convert.janus_config_from_original(tuned, **REAL_IDS).text_config
+    assert text.rms_norm_eps == 1e-5 and text.rope_parameters["rope_theta"] == 500000.0
+
+
+@pytest.mark.parametrize(
+    "section,key,value,field",
+    [
+        ("gen_head_config", "image_token_embed", 1024, "gen_head_config.params.image_token_embed must be 2048"),
+        ("gen_head_config", "n_embed", 1024, "gen_head_config.params.n_embed must be 2048"),
+        ("gen_head_config", "image_token_size", 8192, "gen_head_config.params.image_token_size must be 16384"),
+        ("aligner_config", "n_embed", 1024, "aligner_config.params.n_embed must be 2048"),
+        ("aligner_config", "depth", 3, "aligner_config.params.depth must be 2"),
+        ("gen_aligner_config", "input_dim", 16, "gen_aligner_config.params.input_dim must be 8"),
+        ("aligner_config", "projector_type", "linear", "aligner_config.params.projector_type must be 'mlp_gelu'"),
+    ],
+)
+def test_config_mismatches_name_the_field(section, key, value, field):
+    # gen_head's image_token_embed is the head's inner width: transformers' Janus holds it in the width it shares
+    # with the generation aligner. Taken for the head's input width (its n_embed) it failed with a bare
+    # size-mismatch RuntimeError once a variant had them differ.
+    config = published_config("Janus-Pro-1B")
+    config[section]["params"][key] = value
+    with pytest.raises(ModelLoadError, match=re.escape(field)):
+        convert.janus_config_from_original(config, **REAL_IDS)
+
+
+def lay_out_janus_pro_1b(out: Path) -> Path:
+    """A directory laid out as deepseek-ai/Janus-Pro-1B is published: its config and processor files, a
+    tokenizer.json (the tiny model's: the real one is not among the facts) and one pytorch_model.bin of bf16
+    tensors with the published names and shapes, each a view of one zero (no memory, no download)."""
+    shutil.copytree(CHECKPOINTS / "configs" / "Janus-Pro-1B", out)
+    for path in out.iterdir():
+        path.chmod(0o644)
+    build_tiny_model(64)[1].tokenizer.backend_tokenizer.save(str(out / "tokenizer.json"))
+    zero = torch.zeros((), dtype=torch.bfloat16)
+    torch.save(
+        {key: zero.expand(shape) for key, shape in published_keys("Janus-Pro-1B").items()}, out / "pytorch_model.bin"
+    )
+    return out
+
+
+def test_a_full_size_janus_pro_1b_laid_out_as_published_loads(tmp_path):
+    local = lay_out_janus_pro_1b(tmp_path / "Janus-Pro-1B")
+    with pytest.raises(PickleWeightsError) as refused:
+        load_janus(str(local), device="cpu")
+    message = str(refused.value)
+    for way_out in (
+        "--allow-pickle",
+        "deepseek-community/Janus-Pro-1B",
+        f"python -m janus_batch.model.convert {local}",
+    ):
+        assert way_out in message
+    loaded = load_janus(str(local), device="cpu", dtype="bf16", allow_pickle=True)  # check_loading_info passed
+    model = loaded.model
+    assert sum(p.numel() for p in model.parameters()) == pytest.approx(2.0766e9, rel=1e-4)
+    assert model.config.text_config.hidden_size == 2048 and model.config.vision_config.num_image_tokens == 576
+    assert loaded.processor.image_processor.min_size == 14 and loaded.processor.num_image_tokens == 576
+
+
+def test_a_pickle_index_without_its_shards_says_pickle_not_missing(offline_hub, tmp_path):
+    # What a download of deepseek-ai/Janus-Pro-7B without allow_pickle leaves in the HF cache: the JSON files,
+    # pytorch_model.bin.index.json among them, and no shards.
+    files = tmp_path / "files"
+    shutil.copytree(CHECKPOINTS / "configs" / "Janus-Pro-7B", files)
+    keys = sorted(published_keys("Janus-Pro-7B"))
+    shards = {key: f"pytorch_model-0000{1 + (i >= 600)}-of-00002.bin" for i, key in enumerate(keys)}
+    (files / "pytorch_model.bin.index.json").write_text(json.dumps({"weight_map": shards}))
+    lay_out_hf_cache(offline_hub, "deepseek-ai/Janus-Pro-7B", files)
+    with pytest.raises(PickleWeightsError, match="deepseek-ai/Janus-Pro-7B has only pickle weights.*--allow-pickle"):
+        load_janus("deepseek-ai/Janus-Pro-7B", device="cpu")
+
+
+def test_a_pickle_only_hub_repo_fails_before_any_download(tmp_path, monkeypatch):
+    monkeypatch.delenv("HF_HUB_OFFLINE", raising=False)
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    # The Hub's file lists as published on main (no Hub here); nothing may be downloaded.
+    listings = {
+        "deepseek-ai/Janus-Pro-7B": [
+            "config.json",
+            "pytorch_model-00001-of-00002.bin",
+            "pytorch_model-00002-of-00002.bin",
+            "pytorch_model.bin.index.json",
+            "tokenizer.json",
+        ],
+        "deepseek-ai/Janus-Pro-1B": ["config.json", "pytorch_model.bin", "tokenizer.json"],
+    }
+    monkeypatch.setattr(loading, "hub_files", lambda repo_id, revision: listings[repo_id])
+    monkeypatch.setattr(loading, "snapshot_download", lambda *args, **kwargs: pytest.fail("downloaded"))
+    for repo_id in listings:
+        with pytest.raises(PickleWeightsError, match=f"{repo_id} has only pickle weights.*deepseek-community"):
+            load_janus(repo_id, device="cpu")
+
+
+class Payload:
+    """Unpickling this object would create a file: what a hostile pickle does instead."""
+
+    def __init__(self, path: Path):
+        self.path = path
+
+    def __reduce__(self):
+        return open, (str(self.path), "w")
+
+
+@pytest.mark.parametrize("checkpoint_format", ["hf", "original"])
+def test_allowed_pickle_weights_load_tensors_only(tiny_model_dir, tmp_path, checkpoint_format):
+    if checkpoint_format == "hf":
+        local = copy_checkpoint(tiny_model_dir, tmp_path / "pickled", weights=False)
+        weights = local / "pytorch_model.bin"
+    else:
+        local = write_original_checkpoint(tmp_path / "original", pickle=True)
+        weights = local / "pytorch_model-00001-of-00002.bin"
+    marker = tmp_path / "code-ran"
+    torch.save({"model.aligner.fc1.weight": Payload(marker)}, weights)
+    with pytest.raises(CorruptWeightsError, match=weights.name):
+        load_janus(str(local), device="cpu", allow_pickle=True)
+    assert not marker.exists()
+
+
+def test_the_converter_records_the_prompt_format_its_source_tells(tmp_path):
+    source = write_original_checkpoint(tmp_path / "Janus-1.3B")
+    assert JanusEngine.from_pretrained(str(source), device="cpu").prompt_format == "janus-1.3b"  # from the name
+    convert.main([str(source), str(tmp_path / "converted")])
+    assert json.loads((tmp_path / "converted" / "config.json").read_text())["prompt_format"] == "janus-1.3b"
+    assert JanusEngine.from_pretrained(str(tmp_path / "converted"), device="cpu").prompt_format == "janus-1.3b"
+    convert.main([str(write_original_checkpoint(tmp_path / "pro")), str(tmp_path / "pro-converted")])
+    assert JanusEngine.from_pretrained(str(tmp_path / "pro-converted"), device="cpu").prompt_format == "janus-pro"

@@ -1,7 +1,8 @@
 """JanusEngine: batched CFG text-to-image synthesis and batched understanding (captioning / VQA).
 
 Pure PyTorch, no Ray: used by the Ray actors, the Serve replicas, notebooks and benchmarks alike.
-Prompts are formatted and the CFG rows built exactly as in DeepSeek's reference code; many prompts of
+Prompts are formatted (stripped, with the model family's chat roles) and the CFG rows built exactly as in
+DeepSeek's reference code, images preprocessed with the checkpoint's preprocessor settings; many prompts of
 different lengths share one batch (left padding, per-row positions and masks); every sampled token comes
 from counter-based noise keyed on (seed, prompt id, image index, step), so the random numbers never depend on
 batching (nor, on CPU in float32, do the results; in bf16 on a GPU, kernels picked per batch shape may round
@@ -20,12 +21,16 @@ import torch
 from PIL import Image
 
 from janus_batch.engine import decoder, sampling
-from janus_batch.engine.images import decode_image, normalize, pixels_to_uint8, preprocess_image, to_rgb
-from janus_batch.model.loading import load_janus
+from janus_batch.engine.images import decode_image, normalize, pixels_to_uint8, preprocess_image, to_rgb, value_table
+from janus_batch.model.loading import DEFAULT_PROMPT_FORMAT, Preprocessing, load_janus, prompt_format_of
+from janus_batch.model.tiny import BOI, EOI, IMAGE
 
 log = logging.getLogger(__name__)
 
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image in detail."
+# The chat roles of DeepSeek's conversation template per model family, as DeepSeek's own scripts pass them:
+# Janus-Pro's (demo/app_januspro.py, its README) and Janus-1.3B's (inference.py, generation_inference.py, demo/app.py).
+PROMPT_ROLES = {"janus-pro": ("<|User|>", "<|Assistant|>"), "janus-1.3b": ("User", "Assistant")}
 # DeepSeek's VLChatProcessor system prompt, used for understanding (not for image generation).
 DEFAULT_SYSTEM_PROMPT = (
     "You are a helpful language and vision assistant. You are able to understand the visual content that "
@@ -84,15 +89,28 @@ class StaticBatch:
         self.done.zero_()
 
 
-def generation_prompt(prompt: str) -> str:
-    """DeepSeek's 'deepseek' conversation template with an empty system prompt, then <begin_of_image>."""
-    return f"<|User|>: {prompt}\n\n<|Assistant|>:<begin_of_image>"
-
-
-def understanding_prompt(question: str, num_image_tokens: int, system_prompt: str) -> str:
-    image = "<begin_of_image>" + "<image_placeholder>" * num_image_tokens + "<end_of_image>"
+def chat_prompt(message: str, roles: tuple[str, str], system_prompt: str) -> str:
+    """DeepSeek's conversation template (janus/utils/conversation.py, "deepseek") as its processor applies it to
+    one user message and an open assistant turn: the message stripped, the system prompt (if any) and the message
+    each followed by a blank line, the whole prompt stripped."""
+    user, assistant = roles
     system = f"{system_prompt}\n\n" if system_prompt else ""
-    return f"{system}<|User|>: {image}\n{question}\n\n<|Assistant|>:"
+    return f"{system}{user}: {message.strip()}\n\n{assistant}:".strip()
+
+
+def generation_prompt(prompt: str, prompt_format: str = DEFAULT_PROMPT_FORMAT) -> str:
+    """DeepSeek's generation prompt: the template with an empty system prompt, then <begin_of_image>."""
+    return chat_prompt(prompt, PROMPT_ROLES[prompt_format], "") + BOI
+
+
+def understanding_prompt(
+    question: str, num_image_tokens: int, system_prompt: str, prompt_format: str = DEFAULT_PROMPT_FORMAT
+) -> str:
+    """DeepSeek's understanding prompt: the user message is the image, a newline and the question (so stripping it
+    strips the question's end), and the image's placeholder becomes <begin_of_image>, `num_image_tokens`
+    placeholders and <end_of_image> (VLChatProcessor.add_image_token)."""
+    image = BOI + IMAGE * num_image_tokens + EOI
+    return chat_prompt(f"{image}\n{question}", PROMPT_ROLES[prompt_format], system_prompt)
 
 
 def memory_share(gpu_memory_utilization: float, gpus: float) -> float:
@@ -122,6 +140,7 @@ class JanusEngine:
         gpu_memory_utilization: float = 0.9,
         vq_batch: int = 16,
         system_prompt: str = DEFAULT_SYSTEM_PROMPT,
+        prompt_format: str = "auto",
         cuda_graphs: bool = True,
     ):
         """`max_batch_rows`: at most this many images (or understanding rows) per forward batch; None: as many
@@ -131,6 +150,8 @@ class JanusEngine:
         `gpu_memory_utilization`: share of the GPU's memory this engine may use, weights included; lower it
         when actors share a GPU.
         `vq_batch`: images per VQ decode call.
+        `prompt_format`: the chat roles, "janus-pro" or "janus-1.3b" (PROMPT_ROLES); "auto": as the checkpoint
+        tells (`prompt_format_of`: recorded in its config, else from its name, `model_id`).
         `cuda_graphs`: on a GPU, replay the decode steps as CUDA graphs (one per batch shape and KV bucket)."""
         if not 0 < gpu_memory_utilization <= 1:
             raise ValueError(f"gpu_memory_utilization must be in (0, 1], got {gpu_memory_utilization}")
@@ -144,6 +165,14 @@ class JanusEngine:
         self.gpu_memory_utilization = gpu_memory_utilization
         self.vq_batch = vq_batch
         self.system_prompt = system_prompt
+        if prompt_format == "auto":
+            prompt_format, why = prompt_format_of(model_id, getattr(model.config, "prompt_format", None))
+        elif prompt_format in PROMPT_ROLES:
+            why = "as asked"
+        else:
+            raise ValueError(f"prompt_format must be 'auto' or one of {sorted(PROMPT_ROLES)}, got {prompt_format!r}")
+        self.prompt_format = prompt_format
+        log.info("%s: prompt format %s (%s)", model_id or "model", prompt_format, why)
         param = next(model.parameters())
         self.device, self.dtype = param.device, param.dtype
         self.cuda_graphs = cuda_graphs and self.device.type == "cuda"
@@ -161,6 +190,13 @@ class JanusEngine:
         self.eos_id = tok.convert_tokens_to_ids(tok.eos_token)
         self.pad_id = tok.convert_tokens_to_ids(tok.pad_token)
         self.image_token_id = config.image_token_id
+        # Special tokens the prompts and the CFG rows are built of: in a user's text they would change the
+        # template (a second image placeholder, say, has no image to take), so such text is refused.
+        added = tok.get_added_vocab()
+        template = (tok.bos_token, tok.eos_token, tok.pad_token, IMAGE, BOI, EOI, *PROMPT_ROLES[prompt_format])
+        self.reserved_tokens = [t for t in template if t in added]
+        self.preprocessing = Preprocessing.of(processor.image_processor)
+        self.pixel_table = torch.from_numpy(value_table(self.preprocessing)).to(self.device)
 
         # Kept across batches (see StaticBatch); all dropped together when the KV store is reallocated.
         self.kv: decoder.KVStore | None = None
@@ -172,8 +208,26 @@ class JanusEngine:
         }
 
     @classmethod
-    def from_pretrained(cls, source: str, *, dtype=None, device=None, storage_options=None, **engine_kwargs):
-        loaded = load_janus(source, dtype=dtype, device=device, storage_options=storage_options)
+    def from_pretrained(
+        cls,
+        source: str,
+        *,
+        dtype=None,
+        device=None,
+        storage_options=None,
+        allow_pickle: bool = False,
+        revision: str | None = None,
+        **engine_kwargs,
+    ):
+        """An engine on `load_janus(source, ...)` (see there for `allow_pickle` and `revision`)."""
+        loaded = load_janus(
+            source,
+            dtype=dtype,
+            device=device,
+            storage_options=storage_options,
+            allow_pickle=allow_pickle,
+            revision=revision,
+        )
         return cls(
             loaded.model,
             loaded.processor,
@@ -188,13 +242,26 @@ class JanusEngine:
         # BOS first, as DeepSeek's tokenizer.encode does.
         return [self.bos_id] + self.tokenizer.encode(text, add_special_tokens=False)
 
+    def generation_ids(self, prompt: str) -> list[int]:
+        return self.encode(generation_prompt(prompt, self.prompt_format))
+
+    def understanding_ids(self, question: str) -> list[int]:
+        return self.encode(
+            understanding_prompt(question, self.num_image_tokens, self.system_prompt, self.prompt_format)
+        )
+
+    def reserved_token_in(self, text: str) -> str | None:
+        return next((token for token in self.reserved_tokens if token in text), None)
+
     def check_prompt(self, prompt: object) -> str | None:
         """Why `prompt` cannot be used for image generation, or None when it can."""
         if not isinstance(prompt, str):
             return f"prompt must be a string, got {type(prompt).__name__}"
         if not prompt.strip():
             return "empty prompt"
-        length = len(self.encode(generation_prompt(prompt)))
+        if (token := self.reserved_token_in(prompt)) is not None:
+            return f"prompt contains {token!r}, a special token of the prompt template"
+        length = len(self.generation_ids(prompt))
         if length + self.num_gen_tokens > self.max_positions:
             return (
                 f"prompt too long: {length} tokens + {self.num_gen_tokens} image tokens exceeds the "
@@ -206,7 +273,9 @@ class JanusEngine:
         """Why `question` (or a caption instruction) cannot be asked, or None when it can."""
         if not question.strip():
             return "empty question"
-        length = len(self.encode(understanding_prompt(question, self.num_image_tokens, self.system_prompt)))
+        if (token := self.reserved_token_in(question)) is not None:
+            return f"question contains {token!r}, a special token of the prompt template"
+        length = len(self.understanding_ids(question))
         if length + max_new_tokens > self.max_positions:
             return (
                 f"question too long: {length} prompt tokens + {max_new_tokens} new tokens exceeds the model's "
@@ -401,7 +470,7 @@ class JanusEngine:
         for prompt in prompts:
             if (error := self.check_prompt(prompt)) is not None:
                 raise ValueError(error)
-        tokens = [self.encode(generation_prompt(p)) for p in prompts]
+        tokens = [self.generation_ids(p) for p in prompts]
         rows = [(p, i) for p in range(len(prompts)) for i in range(images_per_prompt)]
         temperature = 0.0 if greedy else temperature
 
@@ -495,7 +564,7 @@ class JanusEngine:
                 )
             return image
         pil = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image)
-        return preprocess_image(pil, self.image_size)
+        return preprocess_image(pil, self.image_size, self.preprocessing)
 
     @torch.inference_mode()
     def understand(
@@ -523,7 +592,7 @@ class JanusEngine:
         for text in texts:
             if (error := self.check_question(text, max_new_tokens)) is not None:
                 raise ValueError(error)
-        prompts = [self.encode(understanding_prompt(t, self.num_image_tokens, self.system_prompt)) for t in texts]
+        prompts = [self.understanding_ids(t) for t in texts]
         pixels = [self.prepare_image(image) for image in images]
         temperature = 0.0 if greedy else temperature
 
@@ -558,7 +627,7 @@ class JanusEngine:
 
         def embed(start: int, end: int) -> torch.Tensor:
             """Prompt embeddings of rows [start, end), the image features in place of the placeholders."""
-            pixel_values = normalize(torch.from_numpy(pixels[start:end]).to(device)).to(self.dtype)
+            pixel_values = normalize(torch.from_numpy(pixels[start:end]).to(device), self.pixel_table).to(self.dtype)
             features = model.model.aligner(model.model.vision_model(pixel_values).last_hidden_state)
             embeds = lm.embed_tokens(ids[start:end])
             image_slots = (ids[start:end] == self.image_token_id)[..., None]

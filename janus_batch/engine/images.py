@@ -17,9 +17,9 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
+from janus_batch.model.loading import DEFAULT_PREPROCESSING, Preprocessing
+
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000
-PAD_GRAY = (127, 127, 127)  # int(0.5 * 255) per channel, DeepSeek's background colour
-MIN_SIDE = 14  # DeepSeek's VLMImageProcessor min_size
 
 
 class ImageInputError(ValueError):
@@ -64,23 +64,40 @@ def to_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image.convert("RGB")
 
 
-def preprocess_image(image: Image.Image, size: int) -> np.ndarray:
-    """DeepSeek's understanding preprocessing up to the scaling: long side to `size` (bicubic), pad to a square
-    with gray (127, 127, 127). Returns uint8 [size, size, 3], a quarter of the float pixels' bytes to ship;
-    `normalize` scales them to [-1, 1] on the model's device."""
+def preprocess_image(image: Image.Image, size: int, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
+    """DeepSeek's understanding preprocessing up to the scaling: long side to `size` (bicubic), the other side at
+    least `min_size`, pad to a square with the background colour. Returns uint8 [size, size, 3], a quarter of the
+    float pixels' bytes to ship; `normalize` scales them on the model's device."""
     width, height = image.size
     long_side = max(width, height)
-    new_w = max(int(width / long_side * size), MIN_SIDE)
-    new_h = max(int(height / long_side * size), MIN_SIDE)
+    new_w = max(int(width / long_side * size), preprocessing.min_size)
+    new_h = max(int(height / long_side * size), preprocessing.min_size)
     resized = image.resize((new_w, new_h), Image.Resampling.BICUBIC)
-    square = Image.new("RGB", (size, size), PAD_GRAY)
+    square = Image.new("RGB", (size, size), preprocessing.background)
     square.paste(resized, ((size - new_w) // 2, (size - new_h) // 2))
     return np.asarray(square, dtype=np.uint8).copy()
 
 
-def normalize(pixels: torch.Tensor) -> torch.Tensor:
-    """uint8 [n, S, S, 3] -> float32 [n, 3, S, S] in [-1, 1], scaled as DeepSeek's processor does."""
-    return ((pixels.float() / 255.0 - 0.5) / 0.5).permute(0, 3, 1, 2)
+def value_table(preprocessing: Preprocessing) -> np.ndarray:
+    """float32 [3, 256]: what each uint8 value of each channel becomes, computed with DeepSeek's arithmetic
+    (rescale in float64 and cast to float32, then (x - mean) / std in float32), so that a lookup gives its
+    pixel values exactly, on any device."""
+    values = np.arange(256, dtype=np.float64)
+    scaled = (values * preprocessing.rescale_factor if preprocessing.do_rescale else values).astype(np.float32)
+    table = np.stack([scaled] * 3)
+    if preprocessing.do_normalize:
+        mean = np.array(preprocessing.image_mean, dtype=np.float32)[:, None]
+        std = np.array(preprocessing.image_std, dtype=np.float32)[:, None]
+        table = (table - mean) / std
+    return table
+
+
+def normalize(pixels: torch.Tensor, table: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 [n, S, S, 3] -> float32 [n, 3, S, S], scaled as DeepSeek's processor does. `table`: `value_table` on
+    the pixels' device; default: the published checkpoints' scaling, to [-1, 1]."""
+    if table is None:
+        table = torch.from_numpy(value_table(DEFAULT_PREPROCESSING)).to(pixels.device)
+    return table[torch.arange(3, device=pixels.device), pixels.long()].permute(0, 3, 1, 2)
 
 
 def pixels_to_uint8(decoded: torch.Tensor) -> np.ndarray:

@@ -6,8 +6,14 @@ every load; to convert once, to a Hugging Face-format directory that loads faste
 
     python -m janus_batch.model.convert SRC DST [--allow-pickle] [--dtype bfloat16]
 
-SRC is any source load_janus accepts (directory, HF id, s3:// prefix). deepseek-ai's published weights are
-pickle files (pytorch_model*.bin): pass --allow-pickle if you trust them; DST gets safetensors.
+SRC is any source load_janus accepts (directory, HF id, s3:// prefix). deepseek-ai/Janus-Pro-7B and -1B publish
+pickle weights (pytorch_model*.bin): pass --allow-pickle if you trust them; DST gets safetensors, and the prompt
+format SRC's name tells (`prompt_format` in DST's config.json: the name of DST may not tell it).
+
+The config follows DeepSeek's semantics (janus/models/modeling_vlm.py): the language model is
+`LlamaConfig(**language_config)` (of its keys, those that shape the model are kept: LLAMA_FIELDS), the generation
+head's input width is `gen_head_config.params.n_embed`. What transformers' Janus cannot hold, or what does not
+fit together, fails with a ModelLoadError that names the field.
 
 The key mapping follows DeepSeek's module names (janus/models in deepseek-ai/Janus) and transformers'
 conversion script: the ViT's fused `attn.qkv` is split into q/k/v, its `pos_embed` loses the batch axis, the
@@ -22,7 +28,6 @@ from __future__ import annotations
 
 import argparse
 import functools
-import json
 import re
 from pathlib import Path
 
@@ -31,7 +36,6 @@ from transformers import (
     GenerationConfig,
     JanusConfig,
     JanusForConditionalGeneration,
-    JanusImageProcessorPil,
     JanusProcessor,
     LlamaConfig,
     PreTrainedTokenizerFast,
@@ -41,8 +45,11 @@ from janus_batch.model.loading import (
     ORIGINAL_MODEL_TYPE,
     ModelLoadError,
     ModelNotFoundError,
+    build_image_processor,
     check_loading_info,
+    prompt_format_of,
     read_config,
+    read_preprocessing,
     read_state_dict,
     resolve_dtype,
     resolve_source,
@@ -51,7 +58,7 @@ from janus_batch.model.loading import (
 from janus_batch.model.tiny import BOI, BOS, EOI, EOS, IMAGE, PAD
 
 # (DeepSeek prefix, transformers prefix); "#" is a layer number, copied across. The first match wins, so
-# specific rules precede the general ones they overlap. The same table converts both ways.
+# specific rules precede the general ones they overlap.
 KEY_RULES = [
     ("language_model.model.", "model.language_model."),
     ("language_model.lm_head.", "lm_head."),
@@ -94,13 +101,28 @@ DROPPED = re.compile(
     r"^vision_model\.vision_tower\.attn_pool\.|^gen_vision_model\.quantize\.codebook_used$|\.rotary_emb\.inv_freq$"
 )
 POSITION_EMBEDDING = "model.vision_model.embeddings.position_embedding.weight"
-_VISION_QKV = re.compile(r"^model\.vision_model\.encoder\.layers\.\d+\.self_attn\.([qkv])_proj\.")
 
 # Dims DeepSeek's code takes from the model name (janus/models/siglip_vit.py, vq_model.py).
 SIGLIP_PRESETS = {
     "siglip_large_patch16_384": {"width": 1024, "layers": 24, "heads": 16, "patch_size": 16, "mlp_ratio": 4.0},
 }
 VQ_PRESETS = {"VQ-16": {"ch": 128, "ch_mult": [1, 1, 2, 2, 4], "z_channels": 256, "num_res_blocks": 2}}
+# The language_config keys that shape the model, as LlamaConfig reads them; absent ones take its defaults (the
+# published Janus-Pro-7B config lists only 5 keys: hidden 4096, 32 heads and FFN 11008 are defaults).
+LLAMA_FIELDS = (
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "hidden_act",
+    "max_position_embeddings",
+    "rms_norm_eps",
+    "rope_theta",
+    "rope_scaling",
+    "attention_bias",
+)
 
 
 @functools.cache
@@ -108,13 +130,12 @@ def _prefix_pattern(prefix: str) -> re.Pattern:
     return re.compile(r"(\d+)".join(re.escape(part) for part in prefix.split("#")))
 
 
-def rename_key(key: str, to_hf: bool = True) -> str | None:
-    """`key` in the other format, or None if no rule matches."""
+def rename_key(key: str) -> str | None:
+    """`key` in transformers' names, or None if no rule matches."""
     for original, hf in KEY_RULES:
-        src, dst = (original, hf) if to_hf else (hf, original)
-        match = _prefix_pattern(src).match(key)
+        match = _prefix_pattern(original).match(key)
         if match:
-            return (dst.replace("#", match.group(1)) if match.groups() else dst) + key[match.end() :]
+            return (hf.replace("#", match.group(1)) if match.groups() else hf) + key[match.end() :]
     return None
 
 
@@ -140,31 +161,14 @@ def hf_state_dict_from_original(state_dict: dict[str, torch.Tensor]) -> dict[str
     return converted
 
 
-def original_state_dict_from_hf(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-    """The inverse of hf_state_dict_from_original (without the dropped tensors); tests use it to build
-    original-format checkpoints from the tiny model."""
-    original = {}
-    for key, tensor in state_dict.items():
-        qkv = _VISION_QKV.match(key)
-        if qkv and qkv.group(1) != "q":
-            continue  # fused with q below
-        if qkv:
-            tensor = torch.cat([state_dict[key.replace(".q_proj.", f".{p}_proj.")] for p in "qkv"])
-            key = key.replace(".q_proj.", ".qkv.")
-        elif key == POSITION_EMBEDDING:
-            tensor = tensor.unsqueeze(0)
-        name = rename_key(key, to_hf=False)
-        if name is None:
-            raise ValueError(f"no original name for {key}")
-        original[name] = tensor
-    return original
-
-
 def janus_config_from_original(
     config: dict, *, image_token_id: int, bos_token_id: int, eos_token_id: int, pad_token_id: int
 ) -> JanusConfig:
+    """transformers' JanusConfig for DeepSeek's config.json, read as DeepSeek's code reads it (janus/models:
+    `LlamaConfig(**language_config)`, the named SigLIP and VQ dims, the MlpProjector and vision_head params).
+    What transformers' Janus cannot hold, or what does not fit together, is a ModelLoadError naming the field."""
     try:
-        language = dict(config["language_config"])
+        language = config["language_config"]
         vision, aligner = config["vision_config"], config["aligner_config"]["params"]
         gen_vision, gen_aligner = config["gen_vision_config"], config["gen_aligner_config"]["params"]
         gen_head = config["gen_head_config"]["params"]
@@ -185,22 +189,62 @@ def janus_config_from_original(
     if vq_name not in VQ_PRESETS:
         raise ModelLoadError(f"unsupported image tokenizer {vq_name!r}: expected one of {sorted(VQ_PRESETS)}")
     vq = {**VQ_PRESETS[vq_name], **gen_vision.get("params", {})}
-    for section, params in (("aligner_config", aligner), ("gen_aligner_config", gen_aligner)):
-        if params.get("projector_type", "mlp_gelu") != "mlp_gelu":
-            raise ModelLoadError(f"unsupported {section} projector {params['projector_type']!r}: expected 'mlp_gelu'")
 
-    for key in ("model_type", "torch_dtype", "dtype"):
-        language.pop(key, None)
+    # DeepSeek passes language_config to LlamaConfig whole; of its keys, these shape the model (the rest, such
+    # as use_cache or torch_dtype in re-saved copies, are settings of the run, not of the model).
     text = LlamaConfig(
-        **{
-            **language,
-            "bos_token_id": bos_token_id,
-            "eos_token_id": eos_token_id,
-            "pad_token_id": pad_token_id,
-            "tie_word_embeddings": False,  # the original checkpoints store lm_head separately
-        }
+        **{key: language[key] for key in LLAMA_FIELDS if key in language},
+        bos_token_id=bos_token_id,
+        eos_token_id=eos_token_id,
+        pad_token_id=pad_token_id,
+        tie_word_embeddings=False,  # the original checkpoints store lm_head apart from the embeddings
     )
+    hidden = text.hidden_size
     image_size = vit.get("image_size", 384)
+    # transformers' Janus has one width where DeepSeek has two: the generation aligner's output and the
+    # generation head's inner width are both its vq_config.projection_dim.
+    try:
+        expected = {
+            "language_config.num_attention_heads": (hidden % text.num_attention_heads, 0, "a divisor of hidden_size"),
+            "aligner_config.params.projector_type": (aligner.get("projector_type", "mlp_gelu"), "mlp_gelu", None),
+            "aligner_config.params.depth": (aligner.get("depth", 2), 2, None),
+            "aligner_config.params.input_dim": (
+                aligner.get("input_dim", vit["width"]),
+                vit["width"],
+                "the vision width",
+            ),
+            "aligner_config.params.n_embed": (aligner["n_embed"], hidden, "the language model's hidden_size"),
+            "gen_aligner_config.params.projector_type": (
+                gen_aligner.get("projector_type", "mlp_gelu"),
+                "mlp_gelu",
+                None,
+            ),
+            "gen_aligner_config.params.depth": (gen_aligner.get("depth", 2), 2, None),
+            "gen_aligner_config.params.input_dim": (
+                gen_aligner.get("input_dim", vq["n_embed"]),
+                vq["n_embed"],
+                "n_embed of gen_vision_config",
+            ),
+            "gen_aligner_config.params.n_embed": (gen_aligner["n_embed"], hidden, "the language model's hidden_size"),
+            "gen_head_config.params.n_embed": (gen_head["n_embed"], hidden, "the language model's hidden_size"),
+            "gen_head_config.params.image_token_embed": (
+                gen_head["image_token_embed"],
+                gen_aligner["n_embed"],
+                "gen_aligner_config's n_embed (transformers' Janus shares that width)",
+            ),
+            "gen_head_config.params.image_token_size": (
+                gen_head["image_token_size"],
+                vq["image_token_size"],
+                "image_token_size of gen_vision_config",
+            ),
+            "vision_config.params.image_size": (image_size % vit["patch_size"], 0, "a multiple of the patch size"),
+        }
+    except KeyError as e:
+        raise ModelLoadError(f"original Janus config.json lacks {e}") from e
+    for field, (value, want, meaning) in expected.items():
+        if value != want:
+            what = f"{want!r}" + (f" ({meaning})" if meaning else "")
+            raise ModelLoadError(f"original config.json: {field} must be {what}, not {value!r}")
     return JanusConfig(
         text_config=text.to_dict(),
         vision_config=dict(
@@ -223,7 +267,7 @@ def janus_config_from_original(
             num_res_blocks=vq["num_res_blocks"],
             projection_dim=gen_aligner["n_embed"],
             num_hidden_layers=gen_aligner.get("depth", 2),
-            image_token_embed_dim=gen_head["image_token_embed"],
+            image_token_embed_dim=gen_head["n_embed"],  # the head's input width (DeepSeek's vision_head n_embed)
         ),
         image_token_id=image_token_id,
         tie_word_embeddings=False,
@@ -251,16 +295,7 @@ def original_tokenizer(local_dir: Path) -> PreTrainedTokenizerFast:
 
 def original_processor(local_dir: Path, tokenizer: PreTrainedTokenizerFast, config: JanusConfig) -> JanusProcessor:
     """JanusProcessor with the PIL image processor, set up from DeepSeek's preprocessor_config.json."""
-    preprocessor_file = local_dir / "preprocessor_config.json"
-    settings = json.loads(preprocessor_file.read_text()) if preprocessor_file.is_file() else {}
-    size = config.vision_config.image_size
-    image_processor = JanusImageProcessorPil(
-        size={"height": size, "width": size},
-        image_mean=settings.get("image_mean", [0.5] * 3),
-        image_std=settings.get("image_std", [0.5] * 3),
-        min_size=settings.get("min_size", 14),
-        background_color=tuple(settings.get("background_color", (127, 127, 127))),
-    )
+    image_processor = build_image_processor(read_preprocessing(local_dir), config.vision_config.image_size)
     return JanusProcessor(
         image_processor=image_processor, tokenizer=tokenizer, num_image_tokens=config.vision_config.num_image_tokens
     )
@@ -277,9 +312,12 @@ def load_original(
         raw_config, image_token_id=ids[IMAGE], bos_token_id=ids[BOS], eos_token_id=ids[EOS], pad_token_id=ids[PAD]
     )
     state_dict = hf_state_dict_from_original(read_state_dict(files))
-    model, info = JanusForConditionalGeneration.from_pretrained(
-        None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
-    )
+    try:
+        model, info = JanusForConditionalGeneration.from_pretrained(
+            None, config=config, state_dict=state_dict, dtype=dtype, output_loading_info=True
+        )
+    except RuntimeError as e:  # tensors of other shapes than config.json describes
+        raise ModelLoadError(f"the weights in {local_dir} do not fit its config.json: {e}") from e
     check_loading_info(info, local_dir)
     model.generation_config = GenerationConfig(
         bos_token_id=ids[BOS],
@@ -301,7 +339,10 @@ def convert(source: str, out_dir: str | Path, *, allow_pickle: bool = False, dty
     if raw_config["model_type"] != ORIGINAL_MODEL_TYPE:
         raise ModelLoadError(f"{source} is already in Hugging Face format (model_type {raw_config['model_type']!r})")
     torch_dtype = dtype if dtype == "auto" else resolve_dtype(dtype, torch.device("cpu"))
-    model, processor = load_original(local_dir, raw_config, weight_files(local_dir, allow_pickle), torch_dtype)
+    files = weight_files(local_dir, allow_pickle, source)
+    model, processor = load_original(local_dir, raw_config, files, torch_dtype)
+    # Recorded, so the copy keeps the prompt format its source's name told (the copy's name may not).
+    model.config.prompt_format = prompt_format_of(source, raw_config.get("prompt_format"))[0]
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out

@@ -7,7 +7,13 @@
 Formats: Hugging Face checkpoints (config.json `model_type: "janus"`) load with transformers;
 DeepSeek's original checkpoints (`model_type: "multi_modality"`, e.g. deepseek-ai/Janus-Pro-7B) are
 converted on load (see convert.py, which also converts them once, to disk). Weights must be safetensors
-unless `allow_pickle=True`: unpickling runs code from the file.
+unless `allow_pickle=True` (unpickling can run code from the file); pickle weights are then read with
+`torch.load(weights_only=True)`, nothing else. For an HF id the repo's file list is checked first, so a
+pickle-only repo (deepseek-ai/Janus-Pro-7B and -1B on their main branch) fails before any download.
+
+Prompt format: Janus-Pro and Janus-1.3B name the chat roles differently (see the engine). `prompt_format_of`
+tells a checkpoint's format from what it records (`prompt_format` in config.json, written by the converter)
+or else from its name: Janus-1.3B's config.json is identical to Janus-Pro-1B's, so nothing else tells them apart.
 
 s3:// prefixes are mirrored once per node into `$JANUS_BATCH_CACHE/s3/<bucket>/<prefix>-<hash>` (default
 cache root ~/.cache/janus_batch). The hash covers the endpoint and the listing (keys, sizes, ETags), so
@@ -30,14 +36,19 @@ import os
 import re
 import shutil
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from filelock import FileLock
-from huggingface_hub import snapshot_download
-from huggingface_hub.errors import HfHubHTTPError, LocalEntryNotFoundError, RepositoryNotFoundError
+from huggingface_hub import HfApi, snapshot_download
+from huggingface_hub.errors import (
+    HfHubHTTPError,
+    LocalEntryNotFoundError,
+    RepositoryNotFoundError,
+    RevisionNotFoundError,
+)
 from transformers import JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
 
 from janus_batch.model.tiny import cache_root
@@ -50,6 +61,12 @@ PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
 # Files a checkpoint needs: config, weights, tokenizer and processor settings. Nothing else is fetched.
 FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
 S3_MARKER = ".janus_batch_complete"
+PICKLE_INDEX = "pytorch_model.bin.index.json"
+# Chat-role conventions (the engine holds the roles): Janus-Pro's, and Janus-1.3B's.
+PROMPT_FORMATS = ("janus-pro", "janus-1.3b")
+DEFAULT_PROMPT_FORMAT = "janus-pro"
+# Hugging Face-format copies of the pickle-only deepseek-ai checkpoints, with safetensors weights.
+HF_FORMAT_REPOS = ("deepseek-community/Janus-Pro-7B", "deepseek-community/Janus-Pro-1B")
 _HF_ID = re.compile(r"[\w.-]+/[\w.-]+")
 _DTYPES = {
     "bfloat16": torch.bfloat16,
@@ -89,6 +106,35 @@ class S3AccessError(ModelLoadError):
 
 
 @dataclass(frozen=True)
+class Preprocessing:
+    """A checkpoint's understanding preprocessing settings (its preprocessor_config.json). DeepSeek's file and
+    transformers' name them alike; transformers' adds do_rescale. The defaults, used where the file lacks a
+    setting, are the published checkpoints' values."""
+
+    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
+    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
+    rescale_factor: float = 1 / 255
+    do_rescale: bool = True  # DeepSeek's processor always rescales
+    do_normalize: bool = True  # false in Janus-1.3B's first revision: pixels are then only rescaled
+    min_size: int = 14  # the short side after resizing is at least this
+
+    @property
+    def background(self) -> tuple[int, ...]:
+        """The padding colour as DeepSeek's processor (and transformers') derives it: int(255 x mean) per channel,
+        (127, 127, 127) for mean 0.5. Both overwrite with it the background_color that their file lists."""
+        return tuple(int(x * 255) for x in self.image_mean)
+
+    @classmethod
+    def of(cls, image_processor: JanusImageProcessorPil) -> Preprocessing:
+        """The settings an image processor holds."""
+        values = {f.name: getattr(image_processor, f.name) for f in fields(cls)}
+        return cls(**{**values, "image_mean": tuple(values["image_mean"]), "image_std": tuple(values["image_std"])})
+
+
+DEFAULT_PREPROCESSING = Preprocessing()
+
+
+@dataclass(frozen=True)
 class LoadedJanus:
     model: JanusForConditionalGeneration  # eval mode, on the requested device and dtype
     processor: JanusProcessor  # with the PIL image processor
@@ -122,7 +168,7 @@ def load_janus(
         source, allow_pickle=allow_pickle, cache_dir=cache_dir, revision=revision, storage_options=storage_options
     )
     config = read_config(local_dir)
-    files = weight_files(local_dir, allow_pickle)
+    files = weight_files(local_dir, allow_pickle, source)
     digest = weights_hash(files, local_dir)
     if config.get("model_type") == HF_MODEL_TYPE:
         model, processor = _load_hf(local_dir, files, dtype)
@@ -197,9 +243,14 @@ def fetch_hf(repo_id: str, *, allow_pickle: bool, cache_dir: str | None, revisio
     patterns = list(FILE_PATTERNS + (PICKLE_PATTERNS if allow_pickle else ()))
     where = f"{repo_id!r} (revision {revision or 'main'})"
     try:
+        names = None if offline else hub_files(repo_id, revision)
+        if names is not None:
+            check_weights_listed(repo_id, names, allow_pickle)  # before downloading anything
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline, allow_patterns=patterns
         )
+    except RevisionNotFoundError as e:
+        raise ModelNotFoundError(f"{where}: the Hugging Face Hub has no such revision") from e
     except LocalEntryNotFoundError as e:
         why = "HF_HUB_OFFLINE is set" if offline else f"the Hub could not be reached ({e})"
         raise ModelNotFoundError(
@@ -213,6 +264,19 @@ def fetch_hf(repo_id: str, *, allow_pickle: bool, cache_dir: str | None, revisio
     except HfHubHTTPError as e:
         raise ModelLoadError(f"cannot download {where}: {e}") from e
     return Path(path)
+
+
+def hub_files(repo_id: str, revision: str | None) -> list[str] | None:
+    """The names of the files in a Hub repo, or None when the Hub cannot be reached (the cache then decides).
+    Missing repos and revisions raise as snapshot_download would."""
+    try:
+        return HfApi().list_repo_files(repo_id, revision=revision)
+    except HfHubHTTPError as e:
+        if isinstance(e, (RepositoryNotFoundError, RevisionNotFoundError)):
+            raise
+        return None
+    except Exception:  # no connection: the network libraries' errors, or offline mode
+        return None
 
 
 def fetch_s3(uri: str, *, allow_pickle: bool, storage_options: dict | None, cache_dir: str | None = None) -> Path:
@@ -269,15 +333,21 @@ def _list_s3(fs, uri: str, base: str) -> dict[str, tuple[int, str]]:
 
 
 def _check_listing(uri: str, listing: dict, allow_pickle: bool) -> None:
-    names = [Path(name).name for name in listing]
     if not listing:
         raise ModelNotFoundError(f"no objects under {uri}: the prefix does not exist or is empty")
     if "config.json" not in listing:
         raise ModelNotFoundError(f"no config.json under {uri} (found {sorted(listing)[:10]})")
+    check_weights_listed(uri, list(listing), allow_pickle)
+
+
+def check_weights_listed(source: str, names: list[str], allow_pickle: bool) -> None:
+    """Fail before downloading when the files `names` of `source` hold only pickle weights and pickle is not
+    allowed."""
+    names = [Path(name).name for name in names]
     has_safetensors = any(n.endswith(".safetensors") for n in names)
     has_pickle = any(fnmatch.fnmatch(n, p) for n in names for p in PICKLE_PATTERNS)
     if not has_safetensors and has_pickle and not allow_pickle:
-        raise PickleWeightsError(_pickle_message(uri))
+        raise PickleWeightsError(pickle_message(source))
 
 
 def _download(fs, files: dict[str, Path], uri: str) -> None:
@@ -313,14 +383,18 @@ def read_config(local_dir: Path) -> dict:
     return config
 
 
-def weight_files(local_dir: Path, allow_pickle: bool) -> list[Path]:
-    """The checkpoint's weight files: safetensors when present, else pickle files if allowed."""
+def weight_files(local_dir: Path, allow_pickle: bool, source: str | None = None) -> list[Path]:
+    """The checkpoint's weight files: safetensors when present, else pickle files if allowed. `source`: how the
+    user named the checkpoint, for the error messages (default: `local_dir`)."""
     files = _shards(local_dir, ("*.safetensors",), "model.safetensors.index.json")
     if files:
         return files
-    pickles = _shards(local_dir, PICKLE_PATTERNS, "pytorch_model.bin.index.json")
-    if pickles and not allow_pickle:
-        raise PickleWeightsError(_pickle_message(str(local_dir)))
+    # A pickle index without its shards is what a download without allow_pickle leaves of deepseek-ai/Janus-Pro-7B.
+    has_pickle_index = (local_dir / PICKLE_INDEX).is_file()
+    has_pickle_files = any(next(local_dir.glob(p), None) for p in PICKLE_PATTERNS)
+    if not allow_pickle and (has_pickle_index or has_pickle_files):
+        raise PickleWeightsError(pickle_message(source or str(local_dir)))
+    pickles = _shards(local_dir, PICKLE_PATTERNS, PICKLE_INDEX) if allow_pickle else []
     if pickles:
         return pickles
     raise ModelNotFoundError(
@@ -340,11 +414,30 @@ def _shards(local_dir: Path, patterns: tuple[str, ...], index_name: str) -> list
     return [local_dir / name for name in names]
 
 
-def _pickle_message(where: str) -> str:
+def pickle_message(source: str) -> str:
+    """Why a pickle-only checkpoint is refused, and the three ways out."""
     return (
-        f"{where} has only pickle weights (.bin/.pt); loading them runs code from the file. Convert them to "
-        "safetensors, or pass allow_pickle=True if you trust the source"
+        f"{source} has only pickle weights (pytorch_model*.bin / .pt), and unpickling can run code from the file. "
+        "Either (1) allow pickle if you trust the source: --allow-pickle (jobs, demo), model.allow_pickle (job "
+        "spec), allow_pickle=true (Serve), allow_pickle=True (Python); the weights are then read with "
+        "torch.load(weights_only=True); or (2) use a Hugging Face-format copy with safetensors weights: "
+        f"{' or '.join(HF_FORMAT_REPOS)}; or (3) convert it once to safetensors, "
+        f"`python -m janus_batch.model.convert {source} DIR --allow-pickle`, and load DIR (or an s3:// copy "
+        "of it) from then on, without the opt-in"
     )
+
+
+def prompt_format_of(name: str, recorded: str | None = None) -> tuple[str, str]:
+    """(prompt format, how it was told) of the checkpoint `name` (an HF id, directory or s3:// prefix):
+    `recorded` (config.json's `prompt_format`) if set, else Janus-1.3B's when the last part of the name
+    says Janus-1.3B (deepseek-ai/Janus-1.3B, /models/Janus-1.3B-hf, ...), else Janus-Pro's."""
+    if recorded is not None:
+        if recorded not in PROMPT_FORMATS:
+            raise ModelLoadError(f"config.json has prompt_format {recorded!r}; expected one of {PROMPT_FORMATS}")
+        return recorded, "recorded in config.json"
+    if "janus-1.3b" in name.rstrip("/").rsplit("/", 1)[-1].lower():
+        return "janus-1.3b", f"the name {name!r} says Janus-1.3B"
+    return DEFAULT_PROMPT_FORMAT, "the default: the name does not say Janus-1.3B"
 
 
 def weights_hash(files: list[Path], local_dir: Path) -> str:
@@ -418,19 +511,59 @@ def _load_hf(
 ) -> tuple[JanusForConditionalGeneration, JanusProcessor]:
     try:
         model, info = JanusForConditionalGeneration.from_pretrained(
-            local_dir, dtype=dtype, use_safetensors=files[0].suffix == ".safetensors", output_loading_info=True
+            local_dir,
+            dtype=dtype,
+            use_safetensors=files[0].suffix == ".safetensors",
+            weights_only=True,  # pickle weights (allowed by then): tensors only, no code
+            output_loading_info=True,
         )
     except Exception as e:  # damaged weights surface as OSError, RuntimeError, pickle errors, even IndexError
         names = ", ".join(path.name for path in files)
         raise CorruptWeightsError(f"cannot load the weights {names} in {local_dir}: {type(e).__name__}: {e}") from e
     check_loading_info(info, local_dir)
-    return model, load_processor(local_dir)
+    return model, load_processor(local_dir, model.config.vision_config.image_size)
 
 
-def load_processor(local_dir: Path) -> JanusProcessor:
-    """JanusProcessor with the PIL image processor: same preprocessing on every node, no torchvision."""
+def load_processor(local_dir: Path, image_size: int) -> JanusProcessor:
+    """JanusProcessor with the PIL image processor (same preprocessing on every node, no torchvision), set up
+    from preprocessor_config.json with the published checkpoints' values for what it lacks."""
+    image_processor = build_image_processor(read_preprocessing(local_dir), image_size)
     try:
-        image_processor = JanusImageProcessorPil.from_pretrained(local_dir)
         return JanusProcessor.from_pretrained(local_dir, image_processor=image_processor)
     except (OSError, ValueError) as e:
         raise ModelNotFoundError(f"cannot load the processor / tokenizer files in {local_dir}: {e}") from e
+
+
+def read_preprocessing(local_dir: Path) -> Preprocessing:
+    """The settings in `local_dir`'s preprocessor_config.json (DeepSeek's, or transformers 4's), else in the
+    image_processor section of processor_config.json (where transformers 5 saves them); defaults for the
+    settings they lack."""
+    path = local_dir / "preprocessor_config.json"
+    if not path.is_file():
+        path = local_dir / "processor_config.json"
+    try:
+        settings = json.loads(path.read_text()) if path.is_file() else {}
+        if path.name == "processor_config.json":
+            settings = settings.get("image_processor", {})
+        given = {f.name: settings[f.name] for f in fields(Preprocessing) if f.name in settings}
+        for name in ("image_mean", "image_std"):
+            if name in given:
+                given[name] = tuple(float(x) for x in given[name])
+                if len(given[name]) != 3:
+                    raise ValueError(f"{name} needs 3 values (R, G, B), got {len(given[name])}")
+        return Preprocessing(**given)
+    except (ValueError, TypeError) as e:
+        raise ModelLoadError(f"{path} is not a usable preprocessor config: {e}") from e
+
+
+def build_image_processor(preprocessing: Preprocessing, image_size: int) -> JanusImageProcessorPil:
+    """transformers' Janus image processor (PIL) with these settings, for `image_size` pixels square."""
+    return JanusImageProcessorPil(
+        size={"height": image_size, "width": image_size},
+        image_mean=list(preprocessing.image_mean),
+        image_std=list(preprocessing.image_std),
+        rescale_factor=preprocessing.rescale_factor,
+        do_rescale=preprocessing.do_rescale,
+        do_normalize=preprocessing.do_normalize,
+        min_size=preprocessing.min_size,
+    )
