@@ -53,6 +53,7 @@ def prompt_ids(engine: JanusEngine, prompt: str, prompt_format: str = "janus-pro
 
 
 @pytest.mark.parametrize("images_per_prompt,cfg_weight", [(1, 5.0), (2, 1.0), (3, 7.5)])
+@pytest.mark.compat
 def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt, cfg_weight):
     # The reference VQ-decodes each prompt's images as one batch; decode in batches of that shape too.
     engine = JanusEngine(engine.model, engine.processor, vq_batch=images_per_prompt)
@@ -486,6 +487,7 @@ def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeyp
 
 
 @pytest.mark.parametrize("size,images,captions", [("7b", 91, 153), ("1b", 272, 453)])
+@pytest.mark.compat
 def test_kv_cache_plan_for_janus_pro_on_an_80_gb_gpu(monkeypatch, size, images, captions):
     # The planner's arithmetic on the real configs (weights on the meta device: no memory), with the CUDA memory
     # queries answering as an 80 GB card holding the bf16 weights would. The batch sizes are the predictions

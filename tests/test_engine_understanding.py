@@ -75,6 +75,7 @@ def engine_tokens(engine: JanusEngine, images, questions, max_new_tokens: int) -
 
 
 @pytest.mark.parametrize("max_new_tokens", [3, 24])
+@pytest.mark.compat
 def test_greedy_matches_transformers_generate_batched_and_alone(engine, max_new_tokens):
     images = sample_images()
     batched = engine_tokens(engine, images, QUESTIONS, max_new_tokens)

@@ -89,6 +89,7 @@ def test_preprocessing_is_deepseeks_with_the_checkpoints_settings(name):
 
 
 @pytest.mark.parametrize("layout", ["processor_config.json", "preprocessor_config.json"])
+@pytest.mark.compat
 def test_the_engine_preprocesses_as_the_checkpoint_says(tiny_model_dir, tmp_path, layout):
     # The settings as transformers 5 saves them (a section of processor_config.json), or in their own file
     # (DeepSeek's and transformers 4's, e.g. deepseek-community/*). Janus-1.3B's first revision has
@@ -128,6 +129,7 @@ def test_the_engine_preprocesses_as_the_checkpoint_says(tiny_model_dir, tmp_path
     assert JanusEngine.from_pretrained(str(local), device="cpu").preprocessing == Preprocessing()
 
 
+@pytest.mark.compat
 def test_preprocess_matches_transformers_janus_image_processor():
     # Where DeepSeek's int() and transformers' round() agree on the resized size, the two must be equal.
     from transformers import JanusImageProcessorPil

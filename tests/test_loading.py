@@ -85,6 +85,7 @@ def copy_checkpoint(src: Path, dst: Path, *, weights: bool = True) -> Path:
 # ---- Hugging Face format, local directory -------------------------------------------------------------
 
 
+@pytest.mark.compat
 def test_directory_loads_the_exact_model_and_a_pil_processor(tiny_model_dir, tiny64):
     loaded = load_janus(str(tiny_model_dir), device="cpu")
     assert_same_weights(loaded.model, tiny64[0])
@@ -103,6 +104,7 @@ def test_directory_loads_the_exact_model_and_a_pil_processor(tiny_model_dir, tin
     "dtype,expected",
     [("bf16", torch.bfloat16), ("float16", torch.float16), (torch.float32, torch.float32), ("auto", torch.float32)],
 )
+@pytest.mark.compat
 def test_dtype_and_device_overrides(tiny_model_dir, tiny64, dtype, expected):
     loaded = load_janus(str(tiny_model_dir), dtype=dtype, device=torch.device("cpu"))
     assert {p.dtype for p in loaded.model.parameters()} == {expected}
@@ -123,6 +125,7 @@ def test_weights_hash_follows_the_weights(tiny_model_dir, tmp_path):
     assert loading.weights_hash(files, other) != load_janus(str(tiny_model_dir), device="cpu").weights_hash
 
 
+@pytest.mark.compat
 def test_pickle_weights_need_the_opt_in(tiny_model_dir, tiny64, tmp_path):
     local = copy_checkpoint(tiny_model_dir, tmp_path / "pickled", weights=False)
     torch.save(tiny64[0].state_dict(), local / "pytorch_model.bin")
@@ -131,6 +134,7 @@ def test_pickle_weights_need_the_opt_in(tiny_model_dir, tiny64, tmp_path):
     assert_same_weights(load_janus(str(local), device="cpu", allow_pickle=True).model, tiny64[0])
 
 
+@pytest.mark.compat
 def test_damaged_pickle_weights(tiny_model_dir, tmp_path):
     local = copy_checkpoint(tiny_model_dir, tmp_path / "pickled", weights=False)
     (local / "pytorch_model.bin").write_bytes(os.urandom(3000))
@@ -187,6 +191,7 @@ def test_garbage_weights(tiny_model_dir, tmp_path):
         load_janus(str(local), device="cpu")
 
 
+@pytest.mark.compat
 def test_weights_of_another_shape(tiny_model_dir, tmp_path):
     local = copy_checkpoint(tiny_model_dir, tmp_path / "missing-tensor")
     weights = safetensors.torch.load_file(local / "model.safetensors")
@@ -228,6 +233,7 @@ def offline_hub(tmp_path, monkeypatch) -> Path:
     return tmp_path / "hf" / "hub"
 
 
+@pytest.mark.compat
 def test_hub_id_resolves_from_the_offline_cache(offline_hub, tiny_model_dir, tiny64):
     snapshot = lay_out_hf_cache(offline_hub, "tiny-org/tiny-janus", tiny_model_dir)
     loaded = load_janus("tiny-org/tiny-janus", device="cpu")
@@ -538,6 +544,7 @@ def assert_same_behaviour(loaded, reference: JanusForConditionalGeneration, refe
 
 
 @pytest.mark.parametrize("image_size", [64, 384])
+@pytest.mark.compat
 def test_original_format_converts_exactly(tmp_path, image_size):
     source = write_original_checkpoint(tmp_path / "original", image_size)
     loaded = load_janus(str(source), device="cpu")
@@ -570,6 +577,7 @@ def test_original_unknown_tensor_is_named(tmp_path):
         load_janus(str(source), device="cpu")
 
 
+@pytest.mark.compat
 def test_convert_cli_writes_a_hugging_face_checkpoint(tmp_path, tiny64, capsys):
     source = write_original_checkpoint(tmp_path / "original")
     convert.main([str(source), str(tmp_path / "hf")])
@@ -596,6 +604,7 @@ def test_the_tiny_original_checkpoint_has_the_published_names(tmp_path):
     "name,tensors,params",
     [("Janus-Pro-7B", 1018, 7.4078e9), ("Janus-Pro-1B", 964, 2.0766e9), ("Janus-1.3B", 964, 2.0766e9)],
 )
+@pytest.mark.compat
 def test_published_keys_convert_to_exactly_the_model_the_config_describes(name, tensors, params):
     config = convert.janus_config_from_original(published_config(name), **REAL_IDS)
     with torch.device("meta"):
@@ -689,6 +698,7 @@ def config_fields(config: JanusConfig) -> dict:
 
 
 @pytest.mark.parametrize("name", PUBLISHED)
+@pytest.mark.compat
 def test_the_converted_config_is_what_transformers_conversion_makes(name):
     ours = config_fields(convert.janus_config_from_original(published_config(name), **REAL_IDS))
     theirs = config_fields(transformers_conversion_config(published_config(name)))

@@ -5,6 +5,8 @@ from __future__ import annotations
 import subprocess
 import sys
 
+import pytest
+
 from janus_batch.model.tiny import write_tiny_model
 
 
@@ -12,6 +14,7 @@ def file_bytes(directory) -> dict[str, bytes]:
     return {p.name: p.read_bytes() for p in sorted(directory.iterdir())}
 
 
+@pytest.mark.compat
 def test_same_arguments_give_identical_files(tmp_path):
     a = file_bytes(write_tiny_model(tmp_path / "a", 64, seed=0))
     b = file_bytes(write_tiny_model(tmp_path / "b", 64, seed=0))
