@@ -9,13 +9,15 @@ Random weights at the real Janus-Pro dims, built on the device (no downloads), o
 `python -m benchmarks.device_check OUT_DIR` runs it for 1B and 7B inside the GPU check's time budget.
 
 Synthesis: 384x384 images, 576 tokens, CFG 5, temperature 1, 16 images per prompt. Captioning: 576 image tokens
-+ ~70 prompt tokens, 64 new tokens, greedy. Each row prints items/s, ms per decode step, peak memory and the share
-of a memory-bandwidth roofline computed from the bandwidth measured on this device; the JSON adds the ratios to
-the reference and to transformers at its best batch. The engine runs first (with CUDA graphs on a GPU, then
-eager), one full forward batch after a warm-up batch; then the anchors, kept short: transformers' generate one call
-at its best batch, DeepSeek's loop over its first REFERENCE_STEPS decode steps (launch-bound: each step costs
-about the same). Last, the share of greedy image tokens the engine makes as the reference loop does, beside the
-reference loop against itself at another batch shape.
++ ~120 prompt tokens, 64 new tokens, greedy. Each row prints items/s, ms per decode step, peak memory and the
+share of a roofline computed from the bandwidth (and, for the caption prefill, the matrix-product rate) measured
+on this device; the JSON adds the ratios to the reference and to transformers at its best batch.
+
+The engine runs first (with CUDA graphs on a GPU, then eager), one full forward batch after a warm-up batch; then
+the anchors, kept short: transformers' generate one call at its best batch, DeepSeek's loop over its first
+REFERENCE_STEPS decode steps (launch-bound: each step costs about the same). Last, the share of greedy image
+tokens the engine makes as the reference loop does, beside the reference loop against itself at another batch
+shape.
 """
 
 from __future__ import annotations
@@ -247,6 +249,7 @@ def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
 def engine_rows(engine: JanusEngine, task: str, items: int, steps: int, per_batch: int, run) -> Iterator[Measurement]:
     """The engine's rows of a task: the first mode after a warm-up run of the same batches (kernels, KV cache
     allocation, graph capture); eager after it needs none (the same kernels and cache, no capture)."""
+    engine.release_kv()  # an empty allocator cache: the peak memory held is the engine's alone
     for i, (mode, graphs) in enumerate(engine_modes(engine)):
         engine.cuda_graphs = graphs  # a measurement runs before its plan resumes
         impl = f"janus-batch engine, {mode}, {per_batch}/batch"
