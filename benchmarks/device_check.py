@@ -351,6 +351,25 @@ def main(argv: list[str] | None = None) -> None:
         for row in bench["rows"]:
             if row["targets"]:
                 log(f"  {size} " + describe_figure(row))
+    if agreement := summary["agreement"]:
+        shares = {
+            mode: None if line is None else round(100 * line["share"], 2) for mode, line in agreement["lines"].items()
+        }
+        log(
+            f"  agreement {agreement['model']} (% equal tokens): {shares}; "
+            f"within calibration: {agreement['within_calibration']}"
+        )
+    for size, memory in summary["memory"].items():
+        if memory["budget_gib"] is not None and memory["peak_reserved_gib"] is not None:
+            log(
+                f"  memory {size}: peak held {memory['peak_reserved_gib']:.1f} GiB of a {memory['budget_gib']:.1f} GiB "
+                f"budget, KV cache cut: {memory['kv_cut']}"
+            )
+    if cold := summary["cold_start"]:
+        log(
+            f"  cold start {cold['total_s']:.1f} s "
+            f"(target {cold['target_s']} s: {'met' if cold['meets'] else 'MISSED'})"
+        )
     again = [n for n, r in summary["parts"].items() if n in chosen and r["status"] in ("skipped", "cut", "failed")]
     if again:
         log(f"to run again: {Path(py).name} -m benchmarks.device_check OUT_DIR --parts {' '.join(again)}")
