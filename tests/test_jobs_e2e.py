@@ -195,10 +195,12 @@ def test_caption_image_folder(ray_cluster, storage, tiny_model_dir, tmp_path):
     )
     summary = run(job)
     assert (summary["inputs"], summary["rows_written"], summary["errors"]) == (3, 3, 1)
-    rows = read_parquet_dir(str(tmp_path / "out/f/data"), job.storage).to_pylist()
-    errors = {Path(r["path"]).name: r["error"] for r in rows}
-    assert errors["0.png"] is None and errors["1.png"] is None and "broken" not in (errors["broken.jpg"] or "x")
-    assert errors["broken.jpg"].startswith(("not a decodable image", "corrupt or truncated"))
+    rows = {Path(r["path"]).name: r for r in read_parquet_dir(str(tmp_path / "out/f/data"), job.storage).to_pylist()}
+    assert sorted(rows) == ["0.png", "1.png", "broken.jpg"]
+    for name in ("0.png", "1.png"):  # captioned
+        assert rows[name]["error"] is None and rows[name]["caption"] is not None and 1 <= rows[name]["num_tokens"] <= 4
+    broken = rows["broken.jpg"]  # an error row with its reason, and no caption
+    assert broken["error"].startswith(("not a decodable image", "corrupt or truncated")) and broken["caption"] is None
 
 
 def synth_images(run_dir: Path) -> dict[tuple[str, int], bytes]:

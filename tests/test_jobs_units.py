@@ -12,6 +12,7 @@ from datetime import date, datetime, timezone
 from decimal import Decimal
 from pathlib import Path
 
+import moto.settings
 import numpy as np
 import pyarrow as pa
 import pytest
@@ -22,11 +23,13 @@ from ray.data.block import BlockAccessor
 
 from janus_batch import stages
 from janus_batch.engine import decode_image, preprocess_image
+from janus_batch.engine import engine as engine_module
 from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.io.writers import WebDatasetWriter
 from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, ModelSpec, ResourceSpec, SynthesizeJob, resolve_run_id
+from janus_batch.model import loading
 from tests.conftest import free_port
 from tests.jobs_data import encoded, sample_images, write_parquet
 
@@ -391,21 +394,28 @@ def test_actors_sharing_a_gpu_share_its_memory():
         SynthesizeJob(resources={"gpu_memory_utilization": 0})
 
 
-def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir):
+def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir, monkeypatch):
+    loads = []
+    load_janus = loading.load_janus
+    monkeypatch.setattr(engine_module, "load_janus", lambda *args, **kwargs: loads.append(args) or load_janus(*args))
     prompts = write_parquet(pa.table({"text": ["a"], "prompt_id": ["p"]}), f"{bucket}/in/p.parquet", storage)
     base = {"output": {"path": str(tmp_path / "out")}, "storage": storage.model_dump()}
     with pytest.raises(ValueError, match=r"has no prompt column 'prompt'; its columns are \['text', 'prompt_id'\]"):
         prepare(SynthesizeJob.model_validate({**base, "input": {"path": prompts}}))
     with pytest.raises(FileNotFoundError, match="input path does not exist"):
         prepare(SynthesizeJob.model_validate({**base, "input": {"path": f"{bucket}/nothing/here"}}))
-    with pytest.raises(OSError, match="cannot read input"):
-        bad_creds = storage.model_copy(update={"endpoint_url": "http://127.0.0.1:9"})  # nothing listens there
-        prepare(SynthesizeJob.model_validate({**base, "storage": bad_creds.model_dump(), "input": {"path": prompts}}))
     with pytest.raises(ValueError, match="cannot read the config of model '/no/such/model'"):
         job = {**base, "input": {"path": prompts, "prompt_column": "text"}, "model": {"source": "/no/such/model"}}
         prepare(SynthesizeJob.model_validate(job))
     with pytest.raises(ValueError, match="has no image column 'image'"):
         prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
+    # Bad credentials: wrong keys, with the S3-protocol server checking keys from here on.
+    monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
+    wrong_keys = {**base["storage"], "key": "AKIDWRONG", "secret": "wrong"}
+    job = {**base, "storage": wrong_keys, "input": {"path": prompts, "prompt_column": "text"}}
+    with pytest.raises(OSError, match="cannot read input .*ACCESS_DENIED"):
+        prepare(SynthesizeJob.model_validate(job))
+    assert loads == []
 
 
 def test_webdataset_json_holds_any_passthrough_id_column():
