@@ -66,6 +66,11 @@ def engine_tokens(engine: JanusEngine, images, questions, max_new_tokens: int) -
     results = engine.understand(images, questions, max_new_tokens=max_new_tokens)
     tokens = []
     reference = hf_generate(engine, images, questions, max_new_tokens, engine.prompt_format)
+    for question in questions:  # the prompt DeepSeek's code makes
+        text = question or DEFAULT_CAPTION_INSTRUCTION
+        assert engine.understanding_ids(text) == understanding_ids(
+            engine.tokenizer, text, engine.num_image_tokens, engine.prompt_format
+        )
     for r, row in zip(results, reference, strict=True):
         assert r.num_tokens == len(row)
         assert r.finish_reason == ("eos" if row[-1] == engine.eos_id else "length")
