@@ -1,6 +1,7 @@
 """Engine quickstart, no Ray: synthesize images for a few prompts, then caption them, into a local folder.
 
     python -m janus_batch.demo [--model SOURCE] [--out outputs/demo]
+    python -m janus_batch.demo --model deepseek-ai/Janus-Pro-7B --allow-pickle   # its weights are pickle files
 
 SOURCE is a Hugging Face id, a local directory or an s3:// prefix; the default is the embedded tiny random
 model (its images are noise and its captions gibberish: it exists to run every code path anywhere).
@@ -28,12 +29,20 @@ DEMO_PROMPTS = [
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--model", default=None, help="HF id, local dir or s3:// prefix (default: tiny model)")
+    parser.add_argument("--allow-pickle", action="store_true", help="load pickle (.bin) weights; only if trusted")
+    parser.add_argument("--revision", default=None, help="Hugging Face ids only: branch, tag, commit or refs/pr/N")
+    parser.add_argument("--prompt-format", default="auto", choices=["auto", "janus-pro", "janus-1.3b"])
     parser.add_argument("--out", default="outputs/demo")
     parser.add_argument("--images-per-prompt", type=int, default=4)
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args(argv)
 
-    engine = JanusEngine.from_pretrained(args.model or str(ensure_tiny_model()))
+    engine = JanusEngine.from_pretrained(
+        args.model or str(ensure_tiny_model()),
+        allow_pickle=args.allow_pickle,
+        revision=args.revision,
+        prompt_format=args.prompt_format,
+    )
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
 
