@@ -7,6 +7,7 @@ import hashlib
 import json
 import os
 import re
+import runpy
 import shutil
 import threading
 import time
@@ -847,3 +848,27 @@ def test_the_converter_records_the_prompt_format_its_source_tells(tmp_path):
     assert JanusEngine.from_pretrained(str(tmp_path / "converted"), device="cpu").prompt_format == "janus-1.3b"
     convert.main([str(write_original_checkpoint(tmp_path / "pro")), str(tmp_path / "pro-converted")])
     assert JanusEngine.from_pretrained(str(tmp_path / "pro-converted"), device="cpu").prompt_format == "janus-pro"
+
+
+def test_the_readme_models_table_loads_every_published_checkpoint(monkeypatch, capsys):
+    # Each row's command is what the jobs run: it must give the spec that loads that checkpoint (flags checked by
+    # the real CLI, --dry-run: nothing downloads), with --allow-pickle exactly where the weights are pickle.
+    readme = (Path(__file__).parents[1] / "README.md").read_text()
+    models = readme[readme.index("## Models") : readme.index("## Layout")]
+    rows = [line.split("|")[1:-1] for line in models.splitlines() if line.startswith("| `")]
+    names = [row[0].strip().strip("`") for row in rows]
+    assert sorted(names) == sorted(
+        ["deepseek-community/Janus-Pro-7B", "deepseek-community/Janus-Pro-1B"]
+        + [f"deepseek-ai/{name}" for name in PUBLISHED]
+    )
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    for name, (_, _, weights, needs_pickle, command) in zip(names, rows, strict=True):
+        argv = command.strip().strip("`").split()
+        assert argv[:2] == ["python", "pipelines/synthesize.py"]
+        monkeypatch.setattr("sys.argv", [argv[1], *argv[2:], "--dry-run"])
+        runpy.run_path(str(Path(__file__).parents[1] / argv[1]), run_name="__main__")
+        spec = json.loads(capsys.readouterr().out.split("\nplan (")[0])
+        pickle = "pickle" in weights
+        assert spec["model"]["source"] == name and spec["model"]["allow_pickle"] is pickle
+        assert needs_pickle.strip() == ("yes" if pickle else "no")
+        assert loading.prompt_format_of(name)[0] == ("janus-1.3b" if name.endswith("1.3B") else "janus-pro")
