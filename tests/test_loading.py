@@ -872,3 +872,24 @@ def test_the_readme_models_table_loads_every_published_checkpoint(monkeypatch, c
         assert spec["model"]["source"] == name and spec["model"]["allow_pickle"] is pickle
         assert needs_pickle.strip() == ("yes" if pickle else "no")
         assert loading.prompt_format_of(name)[0] == ("janus-1.3b" if name.endswith("1.3B") else "janus-pro")
+
+
+def test_check_weights_fails_as_loading_would_from_the_file_list(
+    s3_server, tiny_model_dir, tiny64, tmp_path, counted_downloads
+):
+    # For job drivers: the pickle-only (or weightless) checkpoint is refused before any model loads, and nothing
+    # is downloaded.
+    pickled = copy_checkpoint(tiny_model_dir, tmp_path / "pickled", weights=False)
+    torch.save(tiny64[0].state_dict(), pickled / "pytorch_model.bin")
+    uri = f"{s3_server.make_bucket()}/pickled"
+    upload(s3_server, pickled, uri)
+    for source, options in [(str(pickled), None), (uri, s3_server.storage_options)]:
+        with pytest.raises(PickleWeightsError, match=f"{source} has only pickle weights"):
+            loading.check_weights(source, storage_options=options)
+        loading.check_weights(source, allow_pickle=True, storage_options=options)
+    assert counted_downloads == []
+    loading.check_weights(str(tiny_model_dir))
+    with pytest.raises(ModelNotFoundError, match="no weights"):
+        loading.check_weights(str(copy_checkpoint(tiny_model_dir, tmp_path / "empty", weights=False)))
+    with pytest.raises(ValueError, match="revision"):
+        loading.check_weights(str(tiny_model_dir), revision="main")

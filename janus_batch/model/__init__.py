@@ -9,6 +9,7 @@ from janus_batch.model.loading import (
     PickleWeightsError,
     S3AccessError,
     WrongModelTypeError,
+    check_weights,
     load_janus,
 )
 
@@ -20,5 +21,6 @@ __all__ = [
     "PickleWeightsError",
     "S3AccessError",
     "WrongModelTypeError",
+    "check_weights",
     "load_janus",
 ]

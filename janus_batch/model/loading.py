@@ -181,6 +181,34 @@ def load_janus(
     return LoadedJanus(model, processor, source, source.rstrip("/"), digest, local_dir)
 
 
+def check_weights(
+    source: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    storage_options: dict | None = None,
+) -> None:
+    """Fail as `load_janus` would on a checkpoint without usable weights (pickle only and `allow_pickle` not set;
+    none at all), from its file list alone: nothing is downloaded. For a driver, before any model loads. An HF
+    id is checked from the Hub's list (not at all offline: the cache then decides, at load)."""
+    source = os.fspath(source)
+    if revision is not None and not _is_hf_id(source):
+        raise ValueError(f"revision={revision!r} applies to Hugging Face ids only, not to {source!r}")
+    if source.startswith("s3://"):
+        import s3fs
+
+        bucket, _, prefix = source.removeprefix("s3://").strip("/").partition("/")
+        base = f"{bucket}/{prefix}/" if prefix else f"{bucket}/"
+        _check_listing(source, _list_s3(s3fs.S3FileSystem(**(storage_options or {})), source, base), allow_pickle)
+    elif _is_hf_id(source):
+        offline = _env_flag("HF_HUB_OFFLINE") or _env_flag("TRANSFORMERS_OFFLINE")
+        names = None if offline else hub_files(source, revision)
+        if names is not None:
+            check_weights_listed(source, names, allow_pickle)
+    else:
+        weight_files(resolve_source(source), allow_pickle, source)
+
+
 def default_device() -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
