@@ -339,6 +339,9 @@ def test_s3_pickle_only_fails_before_downloading(s3_server, tiny_model_dir, tiny
     with pytest.raises(PickleWeightsError, match="allow_pickle=True"):
         load_janus(uri, storage_options=s3_server.storage_options)
     assert counted_downloads == []
+    loaded = load_janus(uri, storage_options=s3_server.storage_options, allow_pickle=True, device="cpu")
+    assert_same_weights(loaded.model, tiny64[0])
+    assert (loaded.local_dir / "pytorch_model.bin").is_file()
 
 
 # ---- DeepSeek's original format -----------------------------------------------------------------------
