@@ -179,7 +179,9 @@ def test_profile_resolves_to_explicit_keys(tmp_path, monkeypatch):
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "credentials"))
     monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "config"))
     resolved = StorageConfig(profile="batch").resolved()
-    assert (resolved.key, resolved.secret, resolved.region, resolved.profile) == ("AKIDX", "SECRETX", "eu-west-3", None)
+    keys = (resolved.key.get_secret_value(), resolved.secret.get_secret_value(), resolved.token)
+    assert keys == ("AKIDX", "SECRETX", None) and (resolved.region, resolved.profile) == ("eu-west-3", None)
+    assert "SECRETX" not in repr(resolved) and resolved.storage_options()["secret"] == "SECRETX"
 
 
 # ---- CPU stages ------------------------------------------------------------------------------------------
