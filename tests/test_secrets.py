@@ -66,6 +66,7 @@ BAD_SPECS = {
     "a misspelt name": {"storage": {"aws_secret_key": SECRET, "key": KEY}},
     "storage as a string": {"storage": f"{KEY}:{SECRET}"},
     "another field wrong": {"storage": {"key": KEY, "secret": SECRET, "endpoint_url": "localhost:9000"}},
+    "a key from a dump": {"storage": {"key": KEY, "secret": "**********"}},
     "a rule over the whole job": {
         "storage": {"key": KEY, "secret": SECRET, "token": TOKEN},
         "images_per_prompt": 100,

@@ -42,6 +42,8 @@ from pydantic import AliasChoices, BaseModel, ConfigDict, Field, SecretStr, fiel
 T = TypeVar("T")
 
 SDK_MAX_WAIT_S = 20  # the AWS SDKs' cap on one wait in standard retry mode (C++ and botocore alike)
+# How dumps show a key: pydantic's SecretStr, and JobSpec.public_dump (spec.json, summary.json, --dry-run).
+MASKS = ("**********", "***")
 S3FS_TRIES = 5  # s3fs.S3FileSystem.retries: its own tries around botocore's (a class attribute, not an option)
 
 
@@ -109,6 +111,16 @@ class StorageConfig(BaseModel):
         if url is not None and urlparse(url).scheme not in ("http", "https"):
             raise ValueError(f"endpoint_url must start with http:// or https://, got {url!r}")
         return url
+
+    @field_validator("key", "secret", "token")
+    @classmethod
+    def check_not_masked(cls, value: SecretStr | None) -> SecretStr | None:
+        if value is not None and value.get_secret_value() in MASKS:
+            raise ValueError(
+                "a masked value, as dumps of a spec show keys: give the real key, or leave it out and use the "
+                "environment or a profile"
+            )
+        return value
 
     def resolved(self) -> StorageConfig:
         """A copy with a profile turned into explicit keys and region, so workers need no ~/.aws."""
