@@ -83,6 +83,9 @@ class ServeArgs(BaseModel):
 
     model: str | None = Field(None, description="HF id, local dir or s3:// prefix; None: the embedded tiny model")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = "auto"  # auto: bf16 on GPU, fp32 on CPU
+    allow_pickle: bool = Field(False, description="load pickle (.bin) weights (weights_only); only if trusted")
+    revision: str | None = Field(None, description="Hugging Face ids only: a branch, tag, commit or refs/pr/N")
+    prompt_format: Literal["auto", "janus-pro", "janus-1.3b"] = "auto"  # auto: as the checkpoint tells
     storage_options: Secret[dict[str, Any]] = Field(
         default_factory=lambda: Secret({}), description="fsspec options for s3:// I/O; masked in reprs"
     )
@@ -434,6 +437,9 @@ class JanusServer:
             dtype=args.dtype,
             device="cuda" if args.num_gpus > 0 else "cpu",
             storage_options=args.storage_options.get_secret_value() or None,
+            allow_pickle=args.allow_pickle,
+            revision=args.revision,
+            prompt_format=args.prompt_format,
             max_batch_rows=args.max_batch_rows,
             gpu_memory_utilization=memory_share(args.gpu_memory_utilization, args.num_gpus),
         )

@@ -30,18 +30,22 @@ from janus_batch.io.writers import IMAGE_EXTENSIONS
 # ---- shared ----------------------------------------------------------------------------------------------
 
 
-def load_engine(source: str | None, dtype: str, gpus: float, storage: StorageConfig, batching: dict):
+def load_engine(model: dict, gpus: float, storage: StorageConfig, batching: dict):
+    """The engine for a job's `model` (a ModelSpec's fields)."""
     import torch
 
     from janus_batch.model.tiny import ensure_tiny_model
 
     # The tiny default is written per node into the local cache: a path from the driver may not exist here.
-    source = source or str(ensure_tiny_model())
+    source = model["source"] or str(ensure_tiny_model())
     return JanusEngine.from_pretrained(
         source,
-        dtype=None if dtype == "auto" else getattr(torch, dtype),
+        dtype=None if model["dtype"] == "auto" else getattr(torch, model["dtype"]),
         device="cuda" if gpus > 0 else "cpu",
         storage_options=storage.storage_options(),
+        allow_pickle=model["allow_pickle"],
+        revision=model["revision"],
+        prompt_format=model["prompt_format"],
         **batching,
     )
 
@@ -214,7 +218,7 @@ class Synthesizer:
     def __init__(
         self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, call_timeout_s: float, params: dict
     ):
-        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
+        self.engine = load_engine(model, gpus, storage, batching)
         self.watchdog = CallWatchdog(call_timeout_s)
         self.params = params
 
@@ -432,7 +436,7 @@ class Describer:
         resume_key: str,
         text_column: str,
     ):
-        self.engine = load_engine(model["source"], model["dtype"], gpus, storage, batching)
+        self.engine = load_engine(model, gpus, storage, batching)
         self.watchdog = CallWatchdog(call_timeout_s)
         self.params = params
         self.resume_key = resume_key

@@ -44,7 +44,10 @@ def synthesize_args(source: str, output: str, storage, model_dir, run_id: str) -
 
 def aws_env(storage) -> dict[str, str]:
     # Credentials the AWS way: environment variables, read by pyarrow / botocore on every node.
-    return {"AWS_ACCESS_KEY_ID": storage.key, "AWS_SECRET_ACCESS_KEY": storage.secret}
+    return {
+        "AWS_ACCESS_KEY_ID": storage.key.get_secret_value(),
+        "AWS_SECRET_ACCESS_KEY": storage.secret.get_secret_value(),
+    }
 
 
 def committed_files(checkpoint_dir: str, storage) -> int:
@@ -61,7 +64,7 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
     run_dir = f"{bucket}/out/k"
     # Keys in the job file: the session cluster's workers do not see this driver's environment.
     config = tmp_path / "job.yaml"
-    storage_keys = {"key": storage.key, "secret": storage.secret}
+    storage_keys = {"key": storage.key.get_secret_value(), "secret": storage.secret.get_secret_value()}
     config.write_text(json.dumps({"storage": storage_keys, "input": {"check_duplicate_ids": False}}))
     args = synthesize_args(source, f"{bucket}/out", storage, tiny_model_dir, "k")
     command = [sys.executable, *args, "--config", str(config)]

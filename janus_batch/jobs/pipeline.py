@@ -39,7 +39,15 @@ from janus_batch import stages
 from janus_batch.engine.engine import memory_share
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import Reconciled, RunFiles, reconcile
-from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
+from janus_batch.io.storage import (
+    StorageConfig,
+    fs_path,
+    is_s3,
+    join,
+    leave_retries_to_the_store,
+    read_bytes,
+    write_bytes,
+)
 from janus_batch.io.writers import RunWriter
 from janus_batch.jobs.lease import RunLease
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
@@ -58,7 +66,7 @@ PROGRESS_EVERY_S = 10.0
 # ---- checks on the driver, before any model is loaded ------------------------------------------------
 
 
-def read_model_config(source: str | None, storage: StorageConfig) -> dict:
+def read_model_config(source: str | None, storage: StorageConfig, revision: str | None = None) -> dict:
     """The model's config.json, read without loading the model: an unknown model fails here."""
     from janus_batch.model.tiny import ensure_tiny_model
 
@@ -70,7 +78,7 @@ def read_model_config(source: str | None, storage: StorageConfig) -> dict:
             return json.loads((Path(source).expanduser() / "config.json").read_text())
         from huggingface_hub import hf_hub_download
 
-        return json.loads(Path(hf_hub_download(source, "config.json")).read_text())
+        return json.loads(Path(hf_hub_download(source, "config.json", revision=revision)).read_text())
     except Exception as e:
         raise ValueError(f"cannot read the config of model {source!r}: {stages.describe(e)}") from None
 
@@ -247,7 +255,7 @@ def prepare(spec: JobSpec) -> Prepared:
                 "question": source.question_column,
             }
             readers.require_columns(schema, columns, input_path)
-    model_config = read_model_config(spec.model.source, storage)
+    model_config = read_model_config(spec.model.source, storage, spec.model.revision)
     return Prepared(spec, input_path, files, schema, model_config)
 
 
@@ -298,6 +306,7 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
             max_batch_rows=res.max_batch_rows,
             gpu_memory_utilization=memory_share(res.gpu_memory_utilization, gpus),
         ),
+        call_timeout_s=res.call_timeout_s,
     )
 
 
@@ -309,6 +318,7 @@ def build_pipeline(
     ProgressCounter actor."""
     prepared = prepared or prepare(spec)
     spec = prepared.spec
+    leave_retries_to_the_store(ray.data.DataContext.get_current())  # before the datasets and the datasink copy it
     done_ref = ray.put(done) if done is not None and len(done) else None
     if isinstance(spec, SynthesizeJob):
         ds = synthesis_stages(spec, prepared, done_ref, progress)
@@ -412,7 +422,6 @@ def understanding_stages(spec: CaptionJob, prepared: Prepared, done_ref, progres
             max_image_bytes=source.max_image_bytes,
         ),
         batch_size=spec.resources.batch_size,
-        retry_exceptions=[stages.StorageUnavailable],  # up to Ray's task retries (3), then the job stops
         **cpu,
     )
     params = dict(

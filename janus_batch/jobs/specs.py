@@ -37,13 +37,21 @@ def resolve_run_id(template: str, now: datetime) -> str:
 
 
 class Spec(BaseModel):
-    model_config = ConfigDict(extra="forbid", protected_namespaces=())
+    # Errors name the field and the rule, not the value given: a value can hold a secret (storage keys).
+    model_config = ConfigDict(extra="forbid", protected_namespaces=(), hide_input_in_errors=True)
 
 
 class ModelSpec(Spec):
     source: str | None = Field(None, description="HF id, local dir or s3:// prefix; None: the embedded tiny model")
     dtype: Literal["auto", "bfloat16", "float16", "float32"] = Field(
         "auto", description="auto: bf16 on GPU, fp32 on CPU"
+    )
+    allow_pickle: bool = Field(
+        False, description="load pickle (.bin) weights, with torch.load(weights_only=True); only if trusted"
+    )
+    revision: str | None = Field(None, description="Hugging Face ids only: a branch, tag, commit or refs/pr/N")
+    prompt_format: Literal["auto", "janus-pro", "janus-1.3b"] = Field(
+        "auto", description="the chat roles; auto: as the checkpoint tells (Janus-1.3B by its name)"
     )
 
 
