@@ -3,7 +3,7 @@
 Layout of a run (local or s3://):
     OUTPUT/RUN_ID/spec.json       the spec as run (secrets masked)
     OUTPUT/RUN_ID/inputs.json     the input files' sizes and modification times when the run started
-    OUTPUT/RUN_ID/_lease.json     held by the driver running it (janus_batch.jobs.lease)
+    OUTPUT/RUN_ID/_lease.json     held by the driver running it (janus_batch.io.lease)
     OUTPUT/RUN_ID/data/           the outputs (see janus_batch.io.writers); images/ too for the 'files' format
     OUTPUT/RUN_ID/_index/         which rows each data file holds: a cache (janus_batch.io.commits)
     OUTPUT/RUN_ID/summary.json    counts, throughput, wall time (written when the run finishes)
@@ -41,7 +41,7 @@ from janus_batch.io import readers, schemas
 from janus_batch.io.commits import Reconciled, RunFiles, reconcile
 from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs.lease import RunLease
+from janus_batch.io.lease import RunLease
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
 
 BUILTIN_PROMPTS = [
