@@ -110,7 +110,8 @@ class RunWriter(Datasink[None]):
         errors = table.filter(failed)
         aux = {}
         if errors.num_rows:
-            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(errors.drop_columns([c for c in ("image",) if c in errors.column_names]))
+            without_image = errors.drop_columns([c for c in ("image",) if c in errors.column_names])
+            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(without_image)
         unsigned = [f.name for f in table.schema if pa.types.is_uint64(f.type)]
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:

@@ -39,9 +39,9 @@ from janus_batch import stages
 from janus_batch.engine.engine import memory_share
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import Reconciled, RunFiles, reconcile
+from janus_batch.io.lease import RunLease
 from janus_batch.io.storage import StorageConfig, fs_path, is_s3, join, read_bytes, write_bytes
 from janus_batch.io.writers import RunWriter
-from janus_batch.io.lease import RunLease
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
 
 BUILTIN_PROMPTS = [
