@@ -1,0 +1,145 @@
+"""Nothing lost or duplicated, on the session's Ray cluster and the S3-protocol server: runs damaged by hand and
+rerun once, inputs changed between attempts, two drivers on one run id."""
+
+from __future__ import annotations
+
+import collections
+import io
+import json
+import os
+import subprocess
+import sys
+import tarfile
+import time
+from pathlib import Path
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+import ray
+
+from janus_batch.io.commits import RunFiles, task_of
+from janus_batch.io.lease import LeaseHeld
+from janus_batch.io.storage import fs_path
+from janus_batch.jobs import SynthesizeJob, run
+from tests.jobs_data import synth_spec, write_parquet
+
+pytest_plugins = ["tests.jobs_fixtures"]
+REPO = Path(__file__).resolve().parents[1]
+
+
+def prompts_table(n: int) -> pa.Table:
+    return pa.table(
+        {"prompt_id": [f"p{i:02d}" for i in range(n)], "prompt": [f"a house by a lake, {i}" for i in range(n)]}
+    )
+
+
+def output_pairs(run_dir: str, storage) -> collections.Counter:
+    """(prompt_id, sample_index) of every output row, counted, from the data files (any format)."""
+    fs = storage.filesystem(run_dir)
+    listed = RunFiles(fs_path(run_dir), fs, "row_hash", pa.uint64()).list("data")
+    pairs = collections.Counter()
+    for relative in listed:
+        path = f"{fs_path(run_dir)}/{relative}"
+        if relative.endswith(".tar"):
+            with fs.open_input_stream(path) as f, tarfile.open(fileobj=io.BytesIO(f.read())) as tar:
+                for m in tar:
+                    if m.name.endswith(".json"):
+                        row = json.loads(tar.extractfile(m).read())
+                        pairs[row["prompt_id"], row["sample_index"]] += 1
+        else:
+            for row in pq.read_table(path, columns=["prompt_id", "sample_index"], filesystem=fs).to_pylist():
+                pairs[row["prompt_id"], row["sample_index"]] += 1
+    return pairs
+
+
+@pytest.mark.parametrize("output_format", ["parquet", "webdataset", "files"])
+def test_a_damaged_run_ends_exact_after_one_rerun(ray_cluster, storage, bucket, tiny_model_dir, output_format):
+    source = write_parquet(prompts_table(6), f"{bucket}/in/p.parquet", storage)
+    spec = SynthesizeJob.model_validate(
+        synth_spec(
+            source,
+            f"{bucket}/out",
+            storage,
+            tiny_model_dir,
+            run_id="d",
+            input={"path": source, "check_duplicate_ids": False},
+            output={"format": output_format, "rows_per_file": 2},
+            resources={"batch_size": 1},
+        )
+    )
+    expected = collections.Counter({(f"p{i:02d}", s): 1 for i in range(6) for s in range(2)})
+    first = run(spec)
+    assert first["status"] == "succeeded" and output_pairs(f"{bucket}/out/d", storage) == expected
+
+    run_dir = f"{bucket}/out/d"
+    fs = storage.filesystem(run_dir)
+    files = RunFiles(fs_path(run_dir), fs, "row_hash", pa.uint64())
+    mains = sorted(r for r in files.list("data") if r.endswith((".parquet", ".tar")))
+    assert len(mains) == 6
+    files.delete([mains[0]])  # a data file lost: its prompt must be made again
+    files.delete(list(files.list("_index")))  # the whole index gone: nothing may be made twice
+    if output_format == "files":  # an image gone from another task: that prompt is made again too
+        images = [r for r in files.list("images") if task_of(r) == task_of(mains[1]) and r.endswith("1.png")]
+        files.delete(images[:1])
+    with fs.open_output_stream(f"{fs_path(run_dir)}/data/{task_of(mains[0])}x.parquet.tmp-0") as f:
+        f.write(b"half a file")  # a stale partial file of a crashed writer
+
+    second = run(spec)
+    remade = 2 if output_format == "files" else 1
+    assert output_pairs(run_dir, storage) == expected  # all there, none twice
+    assert second["status"] == "succeeded" and second["rows_written"] == 2 * remade
+    assert (second["inputs_done_before"], second["rows"], second["inputs_done"]) == (6 - remade, 12, 6)
+    assert not any(".tmp-" in r for r in files.list("data"))
+
+
+def test_changed_inputs_and_outputs_are_refused_on_rerun(ray_cluster, storage, tiny_model_dir, tmp_path):
+    source = write_parquet(prompts_table(2), str(tmp_path / "in/p.parquet"), storage)
+    spec = synth_spec(source, str(tmp_path / "out"), storage, tiny_model_dir, run_id="c", output={"format": "files"})
+    run(SynthesizeJob.model_validate(spec))
+    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3"):
+        run(SynthesizeJob.model_validate(dict(spec, images_per_prompt=3)))
+    # A prompt inserted at the top: row positions, and so resume keys, now name other prompts.
+    table = pa.concat_tables([pa.table({"prompt_id": ["new"], "prompt": ["a new prompt"]}), prompts_table(2)])
+    time.sleep(0.01)
+    pq.write_table(table, source)
+    with pytest.raises(ValueError, match=rf"input {source} changed \(size, time"):
+        run(SynthesizeJob.model_validate(spec))
+
+
+def driver(spec: SynthesizeJob, tmp_path: Path, name: str) -> subprocess.Popen:
+    config = tmp_path / f"{name}.json"
+    config.write_text(spec.model_dump_json())
+    code = (
+        "import sys; from janus_batch.jobs import SynthesizeJob, run; "
+        f"run(SynthesizeJob.model_validate_json(open({str(config)!r}).read()))"
+    )
+    env = dict(os.environ, RAY_ADDRESS=ray.get_runtime_context().gcs_address)
+    log = open(tmp_path / f"{name}.log", "w")  # noqa: SIM115 (closed with the process)
+    return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
+
+
+@pytest.mark.parametrize("where", ["local", "s3"])
+def test_a_second_driver_on_a_live_run_refuses_or_waits(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, where):
+    root = str(tmp_path) if where == "local" else bucket
+    out, source = f"{root}/out", write_parquet(prompts_table(8), f"{root}/in/p.parquet", storage)
+    spec = SynthesizeJob.model_validate(
+        synth_spec(
+            source, out, storage, tiny_model_dir, run_id="two", input={"path": source, "check_duplicate_ids": False}
+        )
+    )
+    first = driver(spec, tmp_path, "first")
+    lease = f"{out}/two/_lease.json"
+    fs = storage.filesystem(lease)
+    deadline = time.monotonic() + 120
+    while fs.get_file_info(fs_path(lease)).size in (None, 0):  # not taken yet (local: empty when free)
+        assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+        time.sleep(0.1)
+    with pytest.raises(LeaseHeld, match="is being run by another driver"):
+        run(spec)
+    waited = run(spec.model_copy(update={"lease": spec.lease.model_copy(update={"wait": True})}))
+    assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
+    assert waited["rows_written"] == 0 and waited["status"] == "succeeded"  # the first driver made everything
+    assert output_pairs(f"{out}/two", storage) == collections.Counter(
+        {(f"p{i:02d}", s): 1 for i in range(8) for s in range(2)}
+    )
