@@ -22,6 +22,7 @@ from janus_batch.io.commits import RunFiles, task_of
 from janus_batch.io.lease import LeaseHeld
 from janus_batch.io.storage import fs_path
 from janus_batch.jobs import SynthesizeJob, run
+from tests.fault_proxy import FaultProxy
 from tests.jobs_data import synth_spec, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -107,9 +108,12 @@ def test_changed_inputs_and_outputs_are_refused_on_rerun(ray_cluster, storage, t
         run(SynthesizeJob.model_validate(spec))
 
 
-def driver(spec: SynthesizeJob, tmp_path: Path, name: str) -> subprocess.Popen:
+def driver(spec: SynthesizeJob, tmp_path: Path, name: str, s3_server) -> subprocess.Popen:
+    """A driver process of its own on the session's cluster, running `spec`."""
     config = tmp_path / f"{name}.json"
-    config.write_text(spec.model_dump_json())
+    data = spec.model_dump(mode="json")
+    data["storage"].update(key=s3_server.key, secret=s3_server.secret)  # masked in dumps
+    config.write_text(json.dumps(data))
     code = (
         "import sys; from janus_batch.jobs import SynthesizeJob, run; "
         f"run(SynthesizeJob.model_validate_json(open({str(config)!r}).read()))"
@@ -120,7 +124,9 @@ def driver(spec: SynthesizeJob, tmp_path: Path, name: str) -> subprocess.Popen:
 
 
 @pytest.mark.parametrize("where", ["local", "s3"])
-def test_a_second_driver_on_a_live_run_refuses_or_waits(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, where):
+def test_a_second_driver_on_a_live_run_refuses_or_waits(
+    ray_cluster, storage, bucket, tiny_model_dir, tmp_path, where, s3_server
+):
     root = str(tmp_path) if where == "local" else bucket
     out, source = f"{root}/out", write_parquet(prompts_table(8), f"{root}/in/p.parquet", storage)
     spec = SynthesizeJob.model_validate(
@@ -128,7 +134,7 @@ def test_a_second_driver_on_a_live_run_refuses_or_waits(ray_cluster, storage, bu
             source, out, storage, tiny_model_dir, run_id="two", input={"path": source, "check_duplicate_ids": False}
         )
     )
-    first = driver(spec, tmp_path, "first")
+    first = driver(spec, tmp_path, "first", s3_server)
     lease = f"{out}/two/_lease.json"
     fs = storage.filesystem(lease)
     deadline = time.monotonic() + 120
@@ -141,5 +147,59 @@ def test_a_second_driver_on_a_live_run_refuses_or_waits(ray_cluster, storage, bu
     assert first.wait(timeout=240) == 0, (tmp_path / "first.log").read_text()[-3000:]
     assert waited["rows_written"] == 0 and waited["status"] == "succeeded"  # the first driver made everything
     assert output_pairs(f"{out}/two", storage) == collections.Counter(
+        {(f"p{i:02d}", s): 1 for i in range(8) for s in range(2)}
+    )
+
+
+@pytest.mark.parametrize(
+    ("output_format", "window"),
+    [("webdataset", "after the data file, before its index"), ("files", "after the images, before the data file")],
+)
+def test_a_driver_killed_in_the_commit_window_then_a_failing_cleanup_then_a_resume(
+    ray_cluster, storage, s3_server, tiny_model_dir, tmp_path, output_format, window
+):
+    """SIGKILL while a write task is held in its commit window by failing PUTs (the S3 copy-then-delete commit of
+    Ray's checkpoint lost rows here); for 'files', then a rerun whose cleanup DELETEs fail (it must stop, losing
+    nothing); then a rerun that ends exact."""
+    bucket = s3_server.make_bucket()
+    with FaultProxy(s3_server.endpoint_url, seed=1) as proxy:
+        faulty = storage.model_copy(update={"endpoint_url": proxy.url})
+        source = write_parquet(prompts_table(8), f"{bucket}/in/p.parquet", storage)
+        spec = SynthesizeJob.model_validate(
+            synth_spec(
+                source,
+                f"{bucket}/out",
+                faulty,
+                tiny_model_dir,
+                run_id="w",
+                input={"path": source, "check_duplicate_ids": False},
+                output={"format": output_format, "rows_per_file": 2},
+                resources={"batch_size": 1},
+                lease={"ttl_s": 3, "wait": True},
+            )
+        )
+        held = r"/_index/" if output_format == "webdataset" else r"/data/[^/]+\.parquet"
+        first = driver(spec, tmp_path, "first", s3_server)
+        deadline = time.monotonic() + 240
+        while proxy.count("PUT", r"/_index/") < 2:  # two tasks committed
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        proxy.set(rate=1.0, kinds=["slowdown"], methods={"PUT"}, path_regex=held)
+        while proxy.count("PUT", held, faulted=True) < 1:  # a task is in the window, its PUT failing
+            assert first.poll() is None and time.monotonic() < deadline, (tmp_path / "first.log").read_text()[-3000:]
+            time.sleep(0.05)
+        first.kill()
+        first.wait()
+        time.sleep(3)  # Ray reaps the dead driver's workers
+
+        if output_format == "files":  # images without their data file are left over: the cleanup cannot delete them
+            proxy.set(rate=1.0, kinds=["slowdown", "reset"], methods={"DELETE"})
+            with pytest.raises(OSError):
+                run(spec)
+            assert proxy.count("DELETE", r"/images/", faulted=True) > 0
+        proxy.set(rate=0.0)
+        summary = run(spec)
+    assert summary["status"] == "succeeded" and summary["inputs_done"] == 8
+    assert output_pairs(f"{bucket}/out/w", storage) == collections.Counter(
         {(f"p{i:02d}", s): 1 for i in range(8) for s in range(2)}
     )
