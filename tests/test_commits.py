@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import tarfile
+from datetime import datetime, timezone
 from types import SimpleNamespace
 
 import pyarrow as pa
@@ -14,9 +15,11 @@ import pytest
 from ray.data._internal.planner.plan_write_op import WRITE_UUID_KWARG_NAME
 
 from janus_batch.io import schemas
-from janus_batch.io.commits import RunFiles, reconcile
+from janus_batch.io.commits import Reconciled, RunFiles, reconcile
 from janus_batch.io.storage import fs_path
 from janus_batch.io.writers import RunWriter
+from janus_batch.jobs import SynthesizeJob
+from janus_batch.jobs.pipeline import summarize
 
 pytest_plugins = ["tests.jobs_fixtures"]
 IMAGES_PER_PROMPT = 2
@@ -175,3 +178,19 @@ def test_files_format_keeps_parquet_readers_and_imagefolder_apart(tmp_path, stor
     assert local["file_name"].to_pylist() == [f"{0:016x}_0000.png", f"{0:016x}_0001.png"]
     for name in table["file_name"].to_pylist()[:2]:
         assert (tmp_path / "run" / name).read_bytes().startswith(b"png 0")
+
+
+def test_a_run_is_succeeded_only_when_every_input_is_in_the_data():
+    spec = SynthesizeJob(run_id="s", images_per_prompt=2)
+    before = Reconciled(pa.array([], pa.uint64()), 0, 0, set(), 0, [])
+    after = Reconciled(pa.array([1, 2], pa.uint64()), 3, 1, {"w"}, 0, [])  # one prompt failed: one row
+    now = datetime.now(timezone.utc)
+    partial = summarize(spec, 3, before, after, now, 1.0)
+    assert (partial["status"], partial["inputs_done"], partial["expected_rows"]) == ("incomplete", 2, 5)
+    done = summarize(spec, 2, before, after, now, 1.0)
+    assert (done["status"], done["expected_rows"], done["rows_written"], done["errors_written"]) == (
+        "succeeded",
+        3,
+        3,
+        1,
+    )

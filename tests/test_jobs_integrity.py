@@ -54,7 +54,8 @@ def output_pairs(run_dir: str, storage) -> collections.Counter:
     return pairs
 
 
-@pytest.mark.parametrize("output_format", ["parquet", "webdataset", "files"])
+# One format end to end ('files' has the most parts); tests/test_commits.py damages every format without Ray.
+@pytest.mark.parametrize("output_format", ["files"])
 def test_a_damaged_run_ends_exact_after_one_rerun(ray_cluster, storage, bucket, tiny_model_dir, output_format):
     source = write_parquet(prompts_table(6), f"{bucket}/in/p.parquet", storage)
     spec = SynthesizeJob.model_validate(
@@ -123,7 +124,8 @@ def driver(spec: SynthesizeJob, tmp_path: Path, name: str, s3_server) -> subproc
     return subprocess.Popen([sys.executable, "-c", code], cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
 
 
-@pytest.mark.parametrize("where", ["local", "s3"])
+# On S3; tests/test_lease.py races real processes for the lease on local folders too.
+@pytest.mark.parametrize("where", ["s3"])
 def test_a_second_driver_on_a_live_run_refuses_or_waits(
     ray_cluster, storage, bucket, tiny_model_dir, tmp_path, where, s3_server
 ):
