@@ -50,10 +50,10 @@ def aws_env(storage) -> dict[str, str]:
     }
 
 
-def committed_files(checkpoint_dir: str, storage) -> int:
-    fs = storage.filesystem(checkpoint_dir)
-    infos = fs.get_file_info(pafs.FileSelector(fs_path(checkpoint_dir), allow_not_found=True))
-    return sum(1 for i in infos if i.path.endswith(".parquet") and ".pending." not in i.path)
+def committed_files(data_dir: str, storage) -> int:
+    fs = storage.filesystem(data_dir)
+    infos = fs.get_file_info(pafs.FileSelector(fs_path(data_dir), allow_not_found=True))
+    return sum(1 for i in infos if i.path.endswith(".parquet") and ".tmp-" not in i.path)
 
 
 def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_model_dir, tmp_path):
@@ -73,7 +73,7 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
     with open(tmp_path / "first.log", "w") as log:
         first = subprocess.Popen(command, cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + 240
-        while committed_files(f"{run_dir}/_checkpoint", storage) < 2:
+        while committed_files(f"{run_dir}/data", storage) < 2:
             assert first.poll() is None, (tmp_path / "first.log").read_text()[-3000:]
             assert time.monotonic() < deadline, "no output committed in time"
             time.sleep(0.05)
@@ -91,7 +91,7 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
     assert len(set(rows["key"].to_pylist())) == 40 and rows["error"].null_count == 40
     with fs.open_input_stream(fs_path(f"{run_dir}/summary.json")) as f:
         summary = json.loads(f.read())
-    assert summary["rows_committed_before"] >= 4 and summary["rows_written"] == 40 - summary["rows_committed_before"]
+    assert summary["rows_before"] >= 4 and summary["rows_written"] == 40 - summary["rows_before"]
 
     # Rerunning a finished run writes nothing more.
     third = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)

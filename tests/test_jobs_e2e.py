@@ -53,7 +53,10 @@ def summary_of(run_dir: str, storage) -> dict:
 
 @pytest.mark.parametrize("output_format", ["parquet", "webdataset", "files"])
 def test_synthesize_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, output_format):
-    source = write_parquet(prompts_table(), f"{bucket}/prompts/part-0.parquet", storage)
+    """Outputs open in the readers users have: `datasets`' parquet, webdataset and imagefolder loaders, and the
+    `webdataset` library; error rows included (an empty prompt), and ids beyond int64 (row_hash)."""
+    table = pa.concat_tables([prompts_table(), pa.table({"prompt_id": ["empty"], "prompt": [""]})])
+    source = write_parquet(table, f"{bucket}/prompts/part-0.parquet", storage)
     spec = synth_spec(
         f"{bucket}/prompts/",
         f"{bucket}/out",
@@ -64,38 +67,57 @@ def test_synthesize_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_p
         input={"path": source, "check_duplicate_ids": output_format == "parquet"},
     )
     summary = run(SynthesizeJob.model_validate(spec))
-    assert (summary["inputs"], summary["rows_written"], summary["errors"]) == (3, 6, 0)
-    assert summary_of(f"{bucket}/out/r1", storage)["rows_written"] == 6
+    assert (summary["inputs"], summary["rows_written"], summary["errors"]) == (4, 7, 1)
+    assert summary["expected_rows"] == 7 and summary_of(f"{bucket}/out/r1", storage)["rows_written"] == 7
     files = download_dir(f"{bucket}/out/r1/data", storage, tmp_path / "data")
     expected = {(pid, i) for pid in PROMPTS for i in range(2)}
     engine_model = JanusEngine.from_pretrained(str(tiny_model_dir)).model_id
+
+    def check_rows(rows: list[dict]) -> None:
+        assert {(r["prompt_id"], r["sample_index"]) for r in rows} == expected and len(rows) == 6
+        for r in rows:
+            assert r["prompt"] == PROMPTS[r["prompt_id"]] and r["error"] is None
+            assert (r["width"], r["height"], r["seed"], r["cfg_weight"], r["run_id"]) == (64, 64, 0, 5.0, "r1")
+            assert r["model_id"] == engine_model and r["key"].endswith(f"_{r['sample_index']:04d}")
 
     if output_format == "parquet":
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")
         assert isinstance(ds.features["image"], datasets.Image)
         rows = list(ds)
-        assert {(r["prompt_id"], r["sample_index"]) for r in rows} == expected and len(rows) == 6
-        for r in rows:
-            assert r["image"].size == (64, 64) and r["image"].mode == "RGB"
-            assert r["prompt"] == PROMPTS[r["prompt_id"]] and r["error"] is None
-            assert (r["width"], r["height"], r["seed"], r["cfg_weight"], r["run_id"]) == (64, 64, 0, 5.0, "r1")
-            assert r["model_id"] == engine_model and r["key"].endswith(f"_{r['sample_index']:04d}")
+        check_rows([r for r in rows if r["error"] is None])
+        assert all(r["image"].size == (64, 64) and r["image"].mode == "RGB" for r in rows if r["error"] is None)
+        assert [r["prompt_id"] for r in rows if r["error"]] == ["empty"]
     elif output_format == "webdataset":
-        samples = list(wds.WebDataset([str(f) for f in files], shardshuffle=False))
-        assert len(samples) == 6
-        for s in samples:
-            meta = json.loads(s["json"])
+        shards = [str(f) for f in files if f.suffix == ".tar"]
+        samples = list(wds.WebDataset(shards, shardshuffle=False))
+        metas = [json.loads(s["json"]) for s in samples]
+        check_rows(metas)
+        for s, meta in zip(samples, metas, strict=True):
             assert s["__key__"] == meta["key"] and s["txt"].decode() == PROMPTS[meta["prompt_id"]]
             assert Image.open(io.BytesIO(s["png"])).size == (64, 64)
-        assert {
-            (json.loads(s["json"])["prompt_id"], json.loads(s["json"])["sample_index"]) for s in samples
-        } == expected
+        hf = datasets.load_dataset("webdataset", data_files=shards, split="train")  # overflowed on uint64 ids
+        assert sorted(r["__key__"] for r in hf) == sorted(m["key"] for m in metas)
+        assert all(r["png"].size == (64, 64) and int(r["json"]["row_hash"]) > 0 for r in hf)
+        errors = pq.read_table([f for f in files if f.name.endswith(".errors.parquet")]).to_pylist()
+        assert [(e["prompt_id"], e["error"] is not None) for e in errors] == [("empty", True)]
     else:
-        images = [f for f in files if f.suffix == ".webp"]
-        meta = pq.read_table([f for f in files if f.suffix == ".parquet"]).to_pylist()
-        assert len(images) == 6 and {m["file_name"] for m in meta} == {f.name for f in images}
-        assert {(m["prompt_id"], m["sample_index"]) for m in meta} == expected
-        assert all(Image.open(f).format == "WEBP" for f in images)
+        meta = pq.read_table(tmp_path / "data").to_pylist()  # data/ holds Parquet only
+        check_rows([m for m in meta if m["error"] is None])
+        images = download_dir(f"{bucket}/out/r1/images", storage, tmp_path / "images")
+        assert {Path(m["file_name"]).name for m in meta if m["file_name"]} == {
+            f.name for f in images if f.suffix == ".webp"
+        }
+        local = tmp_path / "imagefolder"  # the images/ folder as it is, images/{task}/...
+        fs = storage.filesystem(bucket)
+        for info in fs.get_file_info(pafs.FileSelector(fs_path(f"{bucket}/out/r1/images"), recursive=True)):
+            if info.type == pafs.FileType.File:
+                target = local / info.path.split("/images/", 1)[1]
+                target.parent.mkdir(parents=True, exist_ok=True)
+                with fs.open_input_stream(info.path) as src:
+                    target.write_bytes(src.read())
+        folder = datasets.load_dataset("imagefolder", data_dir=str(local), split="train")
+        check_rows(list(folder))
+        assert all(r["image"].format == "WEBP" and r["image"].size == (64, 64) for r in folder)
 
 
 def caption_inputs(bucket: str, storage) -> tuple[str, list[bytes]]:

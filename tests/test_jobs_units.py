@@ -372,16 +372,16 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
 
 
 def test_cpu_shortfall_is_named_before_a_run_would_wait_forever():
-    # Seen on 2 CPUs: a resumed run with the default 1 CPU per model actor waits for a 3rd CPU that never comes.
+    # On 1 CPU the default 1 CPU per model actor waits for a 2nd CPU (Ray Data's file listing) that never comes.
     default = SynthesizeJob()
-    assert cpu_shortfall(default, 2, resuming=False) is None
-    warning = cpu_shortfall(default, 2, resuming=True)
-    assert warning.startswith("this resumed run needs 3 CPUs to start") and "the cluster has 2" in warning
+    assert cpu_shortfall(default, 2) is None
+    warning = cpu_shortfall(default, 1)
+    assert warning.startswith("this run needs 2 CPUs to start") and "the cluster has 1" in warning
     assert "--cpus-per-actor" in warning
     small = SynthesizeJob(resources={"actors": 1, "cpus_per_actor": 0})
-    assert cpu_shortfall(small, 2, resuming=True) is None
+    assert cpu_shortfall(small, 1) is None
     pool = SynthesizeJob(resources={"min_actors": 4, "max_actors": 8, "cpus_per_actor": 2})  # the minimum counts
-    assert cpu_shortfall(pool, 9, resuming=False) is None and "needs 10 CPUs" in cpu_shortfall(pool, 9, True)
+    assert cpu_shortfall(pool, 9) is None and "needs 9 CPUs" in cpu_shortfall(pool, 8)
 
 
 def test_actors_sharing_a_gpu_share_its_memory():

@@ -10,8 +10,9 @@ task of files named `{task}` = `{write_uuid}_{task_index:06}`, under the run fol
               Unsigned 64-bit values (`row_hash`) are written as strings in the JSON: readers parse JSON integers
               as int64.
 - files:      `images/{task}/{key}.{png,jpg,webp}` per image with `images/{task}/metadata.parquet` (a
-              `datasets` imagefolder: `file_name` relative to it), and `data/{task}.parquet`, the task's rows
-              without images (errors too) with `file_name` relative to the run folder.
+              `datasets` imagefolder: `file_name` relative to it, `row_hash` as a string as in the WebDataset
+              JSON), and `data/{task}.parquet`, the task's rows without images (errors too) with `file_name`
+              relative to the run folder.
 """
 
 from __future__ import annotations
@@ -55,6 +56,12 @@ def json_value(value: object) -> object:
     if isinstance(value, bytes):
         return base64.b64encode(value).decode()
     return str(value)
+
+
+def strings_for_unsigned(schema: pa.Schema) -> pa.Schema:
+    """The schema with unsigned 64-bit columns as strings: `datasets`' imagefolder and webdataset loaders read
+    values through int64 and overflow on them."""
+    return pa.schema([pa.field(f.name, pa.string()) if pa.types.is_uint64(f.type) else f for f in schema])
 
 
 def parquet_bytes(table: pa.Table) -> bytes:
@@ -110,14 +117,13 @@ class RunWriter(Datasink[None]):
         errors = table.filter(failed)
         aux = {}
         if errors.num_rows:
-            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(errors.drop_columns(["image"], errors=False))
-        unsigned = [f.name for f in table.schema if pa.types.is_uint64(f.type)]
+            without_image = errors.drop_columns([c for c in ("image",) if c in errors.column_names])
+            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(without_image)
+        samples = table.filter(pc.invert(failed))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
-            for row in table.filter(pc.invert(failed)).to_pylist():
+            for row in samples.cast(strings_for_unsigned(samples.schema)).to_pylist():
                 image = row.pop("image", None)
-                for name in unsigned:
-                    row[name] = None if row[name] is None else str(row[name])
                 members = []
                 if image is not None:
                     members.append((self.image_ext, image["bytes"]))
@@ -139,7 +145,8 @@ class RunWriter(Datasink[None]):
             names.append(name)
         rows = table.drop_columns(["image"])
         local = rows.append_column("file_name", pa.array(names, pa.string()))
-        aux[f"{IMAGES}/{task}/metadata.parquet"] = parquet_bytes(local.filter(pc.is_valid(local["file_name"])))
+        local = local.filter(pc.is_valid(local["file_name"])).cast(strings_for_unsigned(local.schema))
+        aux[f"{IMAGES}/{task}/metadata.parquet"] = parquet_bytes(local)
         in_run = [None if n is None else f"{IMAGES}/{task}/{n}" for n in names]
         main = rows.append_column("file_name", pa.array(in_run, pa.string()))
         return aux, (f"{DATA}/{task}.parquet", parquet_bytes(main))

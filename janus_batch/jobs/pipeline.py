@@ -3,7 +3,7 @@
 Layout of a run (local or s3://):
     OUTPUT/RUN_ID/spec.json       the spec as run (secrets masked)
     OUTPUT/RUN_ID/inputs.json     the input files' sizes and modification times when the run started
-    OUTPUT/RUN_ID/_lease.json     held by the driver running it (janus_batch.jobs.lease)
+    OUTPUT/RUN_ID/_lease.json     held by the driver running it (janus_batch.io.lease)
     OUTPUT/RUN_ID/data/           the outputs (see janus_batch.io.writers); images/ too for the 'files' format
     OUTPUT/RUN_ID/_index/         which rows each data file holds: a cache (janus_batch.io.commits)
     OUTPUT/RUN_ID/summary.json    counts, throughput, wall time (written when the run finishes)
@@ -38,7 +38,8 @@ from ray.data import ActorPoolStrategy
 from janus_batch import stages
 from janus_batch.engine.engine import memory_share
 from janus_batch.io import readers, schemas
-from janus_batch.io.commits import Reconciled, RunFiles, reconcile
+from janus_batch.io.commits import DATA, Reconciled, RunFiles, reconcile
+from janus_batch.io.lease import RunLease
 from janus_batch.io.storage import (
     StorageConfig,
     fs_path,
@@ -49,7 +50,6 @@ from janus_batch.io.storage import (
     write_bytes,
 )
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs.lease import RunLease
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
 
 BUILTIN_PROMPTS = [
@@ -125,11 +125,12 @@ def reconcile_run(spec: JobSpec, prepared: Prepared) -> Reconciled:
 RESUMABLE_CHANGES = ("resources.", "storage.", "lease.", "output.rows_per_file")
 
 
-def check_resumable(spec: JobSpec, prepared: Prepared, present: Reconciled) -> None:
-    """A rerun of a run id whose data hold rows must make what the first attempts made: refuse a spec whose
-    outputs would differ (another model, seed, input, format...), input files changed in place, or a model whose
-    weights differ from those that made the rows, rather than mix two kinds of output."""
-    if present.rows == 0:
+def check_resumable(spec: JobSpec, prepared: Prepared) -> None:
+    """A rerun of a run id that has written data must make what the first attempts made: refuse a spec whose
+    outputs would differ (another model, seed, input, format...) or input files changed in place, rather than mix
+    two kinds of output. Checked before the run folder is reconciled, which judges the data by this spec."""
+    files = run_files(spec)
+    if not files.list(DATA):
         return
     changes = []
     try:
@@ -146,8 +147,6 @@ def check_resumable(spec: JobSpec, prepared: Prepared, present: Reconciled) -> N
         recorded = None
     if recorded is not None:
         changes += input_changes(recorded, input_fingerprint(prepared))
-    if len(present.weights_hashes) > 1:
-        changes.append(f"the rows were made by {len(present.weights_hashes)} different model weights already")
     if changes:
         raise ValueError(
             f"run {spec.run_id} has rows made with another spec or input ({'; '.join(changes)}): resume it with "
@@ -535,8 +534,8 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         lease.acquire(wait=spec.lease.wait)
         prepared = prepare(spec)
         inputs = count_input_rows(prepared)
+        check_resumable(spec, prepared)
         before = reconcile_run(spec, prepared)
-        check_resumable(spec, prepared, before)
         record_run(prepared)
         repaired = f" ({before.describe()})" if before.describe() else ""
         print(

@@ -102,7 +102,7 @@ class OutputSpec(Spec):
 
 
 class LeaseSpec(Spec):
-    """One driver per run id at a time (janus_batch.jobs.lease)."""
+    """One driver per run id at a time (janus_batch.io.lease)."""
 
     wait: bool = Field(False, description="wait for another driver's lease on the run to end, instead of refusing")
     ttl_s: float = Field(60, ge=3, description="a crashed driver's lease expires after this long (renewed every third)")

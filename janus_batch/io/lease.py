@@ -9,15 +9,16 @@ Taking and renewing are conditional writes, so that of two drivers racing exactl
   `DeleteObject` with `If-Match` to give it back (AWS S3 since 2024, MinIO, moto). A store that ignores these
   headers would let both writes through: the lease is read back after it is taken, which catches two drivers
   unless they start within the same fraction of a second.
-- Local (and shared POSIX) folders: create with `O_CREAT | O_EXCL`; an expired lease is taken over by renaming it
-  away first (a rename succeeds for one caller only).
-Expiry is judged by the clocks of the drivers' machines, so they should be kept in sync (NTP).
+- Local folders: an exclusive `flock` on the lease file, which the operating system gives back the moment its
+  holder dies (on a network filesystem this holds where it supports POSIX locks, as NFSv4 does).
+On S3, expiry is judged by the clocks of the drivers' machines, so they should be kept in sync (NTP).
 """
 
 from __future__ import annotations
 
 import _thread
 import contextlib
+import fcntl
 import json
 import os
 import socket
@@ -102,47 +103,39 @@ class RunLease:
 
 
 class LocalLease:
+    """An exclusive `flock` on the lease file, held while the driver lives: the operating system gives it back
+    the moment the driver dies, so no expiry is needed. The file holds the holder's record, for the message."""
+
     def __init__(self, path: Path):
         self.path = path
+        self.fd: int | None = None
 
     def take(self, record: bytes, owner: str) -> dict | None:
-        """Create the lease, or take over an expired one; the holder's record if it is live."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        while True:
-            try:
-                fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o644)
-            except FileExistsError:
-                holder = self.read()
-                if holder is not None and holder["expires_at"] > time.time():
-                    return holder
-                stale = self.path.with_name(f"{self.path.name}.stale-{uuid.uuid4().hex}")
-                with contextlib.suppress(FileNotFoundError):  # another driver renamed it first: try again
-                    os.rename(self.path, stale)
-                    stale.unlink()
-                continue
-            with os.fdopen(fd, "wb") as f:
-                f.write(record)
-            return None
-
-    def read(self) -> dict | None:
+        fd = os.open(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
-            return json.loads(self.path.read_bytes())
-        except (FileNotFoundError, ValueError):  # gone, or half written by its creator: look again
-            return None
+            fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+        except BlockingIOError:
+            os.close(fd)
+            try:
+                return json.loads(self.path.read_bytes())
+            except ValueError:  # its holder is writing it
+                return {"owner": "unknown", "expires_at": time.time() + 1}
+        os.ftruncate(fd, 0)
+        os.pwrite(fd, record, 0)
+        self.fd = fd
+        return None
 
     def renew(self, record: bytes) -> bool:
-        holder = self.read()
-        if holder is None or holder["owner"] != json.loads(record)["owner"]:
-            return False
-        temp = self.path.with_name(f"{self.path.name}.{uuid.uuid4().hex}")
-        temp.write_bytes(record)
-        os.replace(temp, self.path)
+        os.ftruncate(self.fd, 0)
+        os.pwrite(self.fd, record, 0)  # the lock is ours until we die; the record only tells others who holds it
         return True
 
     def release(self, owner: str) -> None:
-        holder = self.read()
-        if holder is not None and holder["owner"] == owner:
-            self.path.unlink(missing_ok=True)
+        if self.fd is not None:
+            os.ftruncate(self.fd, 0)
+            os.close(self.fd)  # releases the lock; the file stays (deleting it would race a new holder's open)
+            self.fd = None
 
 
 class S3Lease:
