@@ -210,19 +210,19 @@ def test_revision_only_for_hub_ids(tiny_model_dir):
 # ---- Hugging Face id, offline cache -------------------------------------------------------------------
 
 
-def lay_out_hf_cache(hub: Path, repo_id: str, files: Path) -> Path:
-    """The hub cache as huggingface_hub writes it: blobs, a snapshot of symlinks, refs/main."""
+def lay_out_hf_cache(hub: Path, repo_id: str, files: Path, ref: str = "main", commit: str = COMMIT) -> Path:
+    """The hub cache as huggingface_hub writes it: blobs, a snapshot of symlinks, refs/<ref>."""
     repo = hub / f"models--{repo_id.replace('/', '--')}"
-    snapshot = repo / "snapshots" / COMMIT
+    snapshot = repo / "snapshots" / commit
     snapshot.mkdir(parents=True)
-    (repo / "blobs").mkdir()
+    (repo / "blobs").mkdir(exist_ok=True)
     for path in files.iterdir():
         data = path.read_bytes()
         blob = repo / "blobs" / hashlib.sha256(data).hexdigest()
         blob.write_bytes(data)
         (snapshot / path.name).symlink_to(os.path.relpath(blob, snapshot))
-    (repo / "refs").mkdir()
-    (repo / "refs" / "main").write_text(COMMIT)
+    (repo / "refs" / ref).parent.mkdir(parents=True, exist_ok=True)
+    (repo / "refs" / ref).write_text(commit)
     return snapshot
 
 
@@ -244,6 +244,18 @@ def test_hub_id_resolves_from_the_offline_cache(offline_hub, tiny_model_dir, tin
     # Same files, same hash, wherever they come from.
     assert loaded.weights_hash == load_janus(str(tiny_model_dir), device="cpu").weights_hash
     assert load_janus("tiny-org/tiny-janus", revision=COMMIT, device="cpu").local_dir == snapshot
+
+
+def test_a_revision_picks_its_snapshot(offline_hub, tiny_model_dir, tiny64, tmp_path):
+    # As deepseek-ai/Janus-Pro-7B: pickle weights on main, safetensors in the pull-request revision refs/pr/109.
+    pickled = copy_checkpoint(tiny_model_dir, tmp_path / "pickled", weights=False)
+    torch.save(tiny64[0].state_dict(), pickled / "pytorch_model.bin")
+    lay_out_hf_cache(offline_hub, "tiny-org/janus", pickled)
+    lay_out_hf_cache(offline_hub, "tiny-org/janus", tiny_model_dir, ref="refs/pr/109", commit="f" * 40)
+    with pytest.raises(PickleWeightsError):
+        load_janus("tiny-org/janus", device="cpu")
+    engine = JanusEngine.from_pretrained("tiny-org/janus", revision="refs/pr/109", device="cpu")
+    assert_same_weights(engine.model, tiny64[0])
 
 
 def test_unknown_hub_id_offline(offline_hub):
