@@ -31,14 +31,16 @@ from janus_batch.io.writers import IMAGE_EXTENSIONS
 
 
 def load_engine(model: dict, gpus: float, storage: StorageConfig, batching: dict):
-    """The engine for a job's `model` (a ModelSpec's fields)."""
+    """The engine for a job's `model` (a ModelSpec's fields, and `weights_hash`: the weights that made the run's
+    rows so far, or None). A model whose weights changed under the same source is refused: its rows would
+    differ from the run's."""
     import torch
 
     from janus_batch.model.tiny import ensure_tiny_model
 
     # The tiny default is written per node into the local cache: a path from the driver may not exist here.
     source = model["source"] or str(ensure_tiny_model())
-    return JanusEngine.from_pretrained(
+    engine = JanusEngine.from_pretrained(
         source,
         dtype=None if model["dtype"] == "auto" else getattr(torch, model["dtype"]),
         device="cuda" if gpus > 0 else "cpu",
@@ -48,6 +50,12 @@ def load_engine(model: dict, gpus: float, storage: StorageConfig, batching: dict
         prompt_format=model["prompt_format"],
         **batching,
     )
+    if model.get("weights_hash") and engine.weights_hash != model["weights_hash"]:
+        raise ValueError(
+            f"model {source} has other weights ({engine.weights_hash}) than those that made this run's rows "
+            f"({model['weights_hash']}): it changed in place; restore it, or start a new run id"
+        )
+    return engine
 
 
 MAX_ERROR_CHARS = 500  # an exception's text can hold anything: a whole path, or a value's repr

@@ -7,6 +7,7 @@ import collections
 import io
 import json
 import os
+import shutil
 import subprocess
 import sys
 import tarfile
@@ -14,6 +15,7 @@ import time
 from pathlib import Path
 
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import ray
@@ -22,6 +24,7 @@ from janus_batch.io.commits import RunFiles, task_of
 from janus_batch.io.lease import LeaseHeld
 from janus_batch.io.storage import fs_path
 from janus_batch.jobs import SynthesizeJob, run
+from janus_batch.model.tiny import write_tiny_model
 from tests.fault_proxy import FaultProxy
 from tests.jobs_data import synth_spec, write_parquet
 
@@ -95,17 +98,36 @@ def test_a_damaged_run_ends_exact_after_one_rerun(ray_cluster, storage, bucket, 
     assert not any(".tmp-" in r for r in files.list("data"))
 
 
-def test_changed_inputs_and_outputs_are_refused_on_rerun(ray_cluster, storage, tiny_model_dir, tmp_path):
+def test_changed_inputs_outputs_and_weights_are_refused_on_rerun(ray_cluster, storage, tiny_model_dir, tmp_path):
+    model = Path(shutil.copytree(tiny_model_dir, tmp_path / "model"))
     source = write_parquet(prompts_table(2), str(tmp_path / "in/p.parquet"), storage)
-    spec = synth_spec(source, str(tmp_path / "out"), storage, tiny_model_dir, run_id="c", output={"format": "files"})
+    spec = synth_spec(
+        source,
+        str(tmp_path / "out"),
+        storage,
+        model,
+        run_id="c",
+        output={"format": "files", "rows_per_file": 2},
+        resources={"batch_size": 1},  # a data file per prompt
+    )
     run(SynthesizeJob.model_validate(spec))
     with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3"):
         run(SynthesizeJob.model_validate(dict(spec, images_per_prompt=3)))
+
     # A prompt inserted at the top: row positions, and so resume keys, now name other prompts.
+    original, stat = Path(source).read_bytes(), os.stat(source)
     table = pa.concat_tables([pa.table({"prompt_id": ["new"], "prompt": ["a new prompt"]}), prompts_table(2)])
-    time.sleep(0.01)
     pq.write_table(table, source)
     with pytest.raises(ValueError, match=rf"input {source} changed \(size, time"):
+        run(SynthesizeJob.model_validate(spec))
+    Path(source).write_bytes(original)
+    os.utime(source, ns=(stat.st_atime_ns, stat.st_mtime_ns))
+
+    # The model overwritten in place, and a prompt left to make: its actor refuses the other weights.
+    files = RunFiles(str(tmp_path / "out/c"), pafs.LocalFileSystem(), "row_hash", pa.uint64())
+    files.delete([sorted(r for r in files.list("data"))[0]])
+    write_tiny_model(model, image_size=64, seed=1)
+    with pytest.raises(Exception, match="has other weights .* than those that made this run's rows"):
         run(SynthesizeJob.model_validate(spec))
 
 

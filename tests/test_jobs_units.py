@@ -15,18 +15,19 @@ from pathlib import Path
 import moto.settings
 import numpy as np
 import pyarrow as pa
+import pyarrow.fs as pafs
 import pytest
 import s3fs
 from PIL import Image
 from pydantic import ValidationError
-from ray.data.block import BlockAccessor
 
 from janus_batch import stages
 from janus_batch.engine import decode_image, preprocess_image
 from janus_batch.engine import engine as engine_module
+from janus_batch.io.commits import RunFiles
 from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
-from janus_batch.io.writers import WebDatasetWriter
+from janus_batch.io.writers import RunWriter
 from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, ModelSpec, ResourceSpec, SynthesizeJob, resolve_run_id
 from janus_batch.model import loading
@@ -430,13 +431,13 @@ def test_webdataset_json_holds_any_passthrough_id_column():
             "blob": [b"\x00\xff"],
             "amount": pa.array([Decimal("1.50")], pa.decimal128(5, 2)),
             "created_at": pa.array([datetime(2026, 11, 25, 7, tzinfo=timezone.utc)], pa.timestamp("us", tz="UTC")),
+            "error": pa.array([None], pa.string()),
         }
     )
-    sink = pa.BufferOutputStream()
-    WebDatasetWriter("unused", text_column="caption", image_format="png").write_block_to_file(
-        BlockAccessor.for_block(table), sink
-    )
-    with tarfile.open(fileobj=io.BytesIO(sink.getvalue().to_pybytes())) as tar:
+    run = RunFiles("unused", pafs.LocalFileSystem(), "key", pa.string())
+    writer = RunWriter(run, "webdataset", schema=table.schema, rows_per_file=1, text_column="caption")
+    _, (_, shard) = writer.webdataset("task", table)
+    with tarfile.open(fileobj=io.BytesIO(shard)) as tar:
         assert tar.extractfile("000000000.txt").read() == b"a cat"
         meta = json.loads(tar.extractfile("000000000.json").read())
     assert meta["day"] == "2026-11-25" and meta["blob"] == "AP8=" and meta["amount"] == "1.50"

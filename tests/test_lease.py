@@ -28,13 +28,20 @@ def run_dir(request, tmp_path, s3_server):
 def holder(run_dir: str, storage, ttl_s: float, then: str, start_at: float = 0.0) -> subprocess.Popen:
     """A process that waits until `start_at` (epoch s), tries to take the lease, prints 'took' or 'held', then
     runs `then` ('sleep N', or 'crash': exit without giving the lease back)."""
+    revealed = json.dumps(
+        dict(
+            storage.model_dump(mode="json"),
+            key=storage.key.get_secret_value(),
+            secret=storage.secret.get_secret_value(),
+        )
+    )
     code = textwrap.dedent(
         f"""
         import os, sys, time
         from janus_batch.io.storage import StorageConfig
         from janus_batch.io.lease import LeaseHeld, RunLease
         time.sleep(max(0, {start_at} - time.time()))
-        lease = RunLease({run_dir!r}, StorageConfig.model_validate_json({storage.model_dump_json()!r}), {ttl_s})
+        lease = RunLease({run_dir!r}, StorageConfig.model_validate_json({revealed!r}), {ttl_s})
         try:
             lease.acquire(wait=False)
         except LeaseHeld as e:

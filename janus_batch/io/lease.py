@@ -154,31 +154,35 @@ class S3Lease:
             aws_access_key_id=options.get("key"),
             aws_secret_access_key=options.get("secret"),
             aws_session_token=options.get("token"),
-            config=botocore.config.Config(retries={"max_attempts": 5, "mode": "standard"}),
+            config=botocore.config.Config(**storage.botocore_config()),  # the run's retry budget
         )
         self.etag: str | None = None
 
     def put(self, record: bytes, **condition) -> str | None:
         """The new ETag, or None when the condition failed."""
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=record, **condition)["ETag"]
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return None
-            raise OSError(f"lease {self.bucket}/{self.key}: {e}") from None
+            raise OSError(f"writing the lease s3://{self.bucket}/{self.key}: {e}") from None
+        except BotoCoreError as e:  # a reset or timeout, after the retry budget
+            raise OSError(f"writing the lease s3://{self.bucket}/{self.key}: {e}") from None
 
     def get(self) -> tuple[dict, str] | None:
-        from botocore.exceptions import ClientError
+        from botocore.exceptions import BotoCoreError, ClientError
 
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
+            return json.loads(response["Body"].read()), response["ETag"]
         except ClientError as e:
             if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
                 return None
-            raise OSError(f"lease {self.bucket}/{self.key}: {e}") from None
-        return json.loads(response["Body"].read()), response["ETag"]
+            raise OSError(f"reading the lease s3://{self.bucket}/{self.key}: {e}") from None
+        except BotoCoreError as e:
+            raise OSError(f"reading the lease s3://{self.bucket}/{self.key}: {e}") from None
 
     def take(self, record: bytes, owner: str) -> dict | None:
         while True:
@@ -207,7 +211,9 @@ class S3Lease:
         return True
 
     def release(self, owner: str) -> None:
-        from botocore.exceptions import ClientError
+        """Delete the lease if it is still ours. A failure is not raised (the run's own outcome matters more): the
+        lease then expires after its ttl."""
+        from botocore.exceptions import BotoCoreError, ClientError
 
-        with contextlib.suppress(ClientError):
+        with contextlib.suppress(ClientError, BotoCoreError):
             self.client.delete_object(Bucket=self.bucket, Key=self.key, IfMatch=self.etag)

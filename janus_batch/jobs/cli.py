@@ -47,6 +47,7 @@ COMMON_FLAGS = {
     "s3_endpoint": "storage.endpoint_url",
     "s3_region": "storage.region",
     "aws_profile": "storage.profile",
+    "wait_for_lease": "lease.wait",
 }
 
 
@@ -90,6 +91,12 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     p.add_argument("--s3-endpoint", help="S3-compatible endpoint URL (MinIO, Ceph, ...)")
     p.add_argument("--s3-region")
     p.add_argument("--aws-profile", help="named AWS profile (default: the AWS credential chain)")
+    p.add_argument(
+        "--wait-for-lease",
+        action="store_true",
+        default=None,
+        help="if another driver is running this run id, wait for it to end (default: refuse)",
+    )
     return p
 
 

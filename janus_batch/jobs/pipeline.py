@@ -284,8 +284,9 @@ def write_builtin_prompts(spec: SynthesizeJob) -> str:
 # ---- the pipeline ------------------------------------------------------------------------------------
 
 
-def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
-    """(map_batches arguments, actor constructor arguments) of the model stage."""
+def model_stage_args(spec: JobSpec, made_with: str | None = None) -> tuple[dict, dict]:
+    """(map_batches arguments, actor constructor arguments) of the model stage. `made_with`: the weights hash of
+    the model that made the run's rows so far: an actor whose model has other weights refuses to start."""
     res = spec.resources
     gpus = res.gpus_per_actor
     if gpus is None:
@@ -298,7 +299,7 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
         batch_size=res.batch_size,
         batch_format="pyarrow",
     ), dict(
-        model=spec.model.model_dump(),
+        model=dict(spec.model.model_dump(), weights_hash=made_with),
         gpus=gpus,
         storage=spec.storage,
         batching=dict(
@@ -310,19 +311,21 @@ def model_stage_args(spec: JobSpec) -> tuple[dict, dict]:
 
 
 def build_pipeline(
-    spec: JobSpec, prepared: Prepared | None = None, done: pa.Array | None = None, progress=None
+    spec: JobSpec, prepared: Prepared | None = None, present: Reconciled | None = None, progress=None
 ) -> ray.data.Dataset:
-    """The job's Dataset up to (not including) the write: finished output rows of the inputs whose resume keys are
-    not in `done` (see reconcile_run), with the job's block-size settings on its context. `progress`: an optional
-    ProgressCounter actor."""
+    """The job's Dataset up to (not including) the write: finished output rows of the inputs that `present` (what
+    the run's data hold, see reconcile_run) lacks, with the job's block-size settings on its context.
+    `progress`: an optional ProgressCounter actor."""
     prepared = prepared or prepare(spec)
     spec = prepared.spec
+    done = present.done if present is not None else None
+    made_with = next(iter(present.weights_hashes)) if present is not None and present.weights_hashes else None
     leave_retries_to_the_store(ray.data.DataContext.get_current())  # before the datasets and the datasink copy it
     done_ref = ray.put(done) if done is not None and len(done) else None
     if isinstance(spec, SynthesizeJob):
-        ds = synthesis_stages(spec, prepared, done_ref, progress)
+        ds = synthesis_stages(spec, prepared, done_ref, made_with, progress)
     else:
-        ds = understanding_stages(spec, prepared, done_ref, progress)
+        ds = understanding_stages(spec, prepared, done_ref, made_with, progress)
     ds.context.target_max_block_size = MAX_BLOCK_BYTES
     return ds
 
@@ -344,11 +347,11 @@ def skip_done(ds: ray.data.Dataset, spec: JobSpec, done_ref, num_cpus: float) ->
     )
 
 
-def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, done_ref, progress) -> ray.data.Dataset:
+def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, done_ref, made_with, progress) -> ray.data.Dataset:
     """read prompts -> check -> generate (actors) -> encode."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
-    map_args, engine_args = model_stage_args(spec)
+    map_args, engine_args = model_stage_args(spec, made_with)
     source = spec.input
     prompt_column = source.prompt_column if source else "prompt"
     id_column = source.id_column if source else "prompt_id"
@@ -387,11 +390,11 @@ def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, done_ref, progress
     return ds
 
 
-def understanding_stages(spec: CaptionJob, prepared: Prepared, done_ref, progress) -> ray.data.Dataset:
+def understanding_stages(spec: CaptionJob, prepared: Prepared, done_ref, made_with, progress) -> ray.data.Dataset:
     """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows."""
     storage = spec.storage
     cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
-    map_args, engine_args = model_stage_args(spec)
+    map_args, engine_args = model_stage_args(spec, made_with)
     source = spec.input
     key = resume_key(spec)
     if source.format == "images":
@@ -505,7 +508,7 @@ def write_outputs(prepared: Prepared, before: Reconciled, inputs: int, start: fl
     """Run the pipeline into the job's writer, reporting progress."""
     spec = prepared.spec
     counter = ProgressCounter.remote()
-    ds = build_pipeline(spec, prepared, done=before.done, progress=counter)
+    ds = build_pipeline(spec, prepared, present=before, progress=counter)
     stop = threading.Event()
     total = before.rows + (inputs - len(before.done)) * spec.outputs_per_input
     thread = threading.Thread(
@@ -536,6 +539,11 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         inputs = count_input_rows(prepared)
         check_resumable(spec, prepared)
         before = reconcile_run(spec, prepared)
+        if len(before.weights_hashes) > 1:
+            raise ValueError(
+                f"run {spec.run_id} holds rows made by {len(before.weights_hashes)} different model weights "
+                f"({', '.join(sorted(before.weights_hashes))}): start a new run id"
+            )
         record_run(prepared)
         repaired = f" ({before.describe()})" if before.describe() else ""
         print(
