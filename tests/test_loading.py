@@ -778,6 +778,7 @@ def lay_out_janus_pro_1b(out: Path) -> Path:
     return out
 
 
+@pytest.mark.compat
 def test_a_full_size_janus_pro_1b_laid_out_as_published_loads(tmp_path):
     local = lay_out_janus_pro_1b(tmp_path / "Janus-Pro-1B")
     with pytest.raises(PickleWeightsError) as refused:
@@ -840,6 +841,7 @@ class Payload:
         return open, (str(self.path), "w")
 
 
+@pytest.mark.compat
 @pytest.mark.parametrize("checkpoint_format", ["hf", "original"])
 def test_allowed_pickle_weights_load_tensors_only(tiny_model_dir, tmp_path, checkpoint_format):
     if checkpoint_format == "hf":
