@@ -149,6 +149,7 @@ def test_rows_in_two_data_files_are_refused_naming_them(tmp_path, storage):
     sink = writer(str(tmp_path / "run"), storage, "parquet")
     write_task(sink, 0, synth_rows([0, 1]))
     write_task(sink, 1, synth_rows([1, 2]))  # as two drivers at once would
+    write_task(sink, 2, synth_rows([3]).slice(0, 1))  # and a damaged task, deleted: the message names the others
     with pytest.raises(ValueError, match=r"1 inputs have output rows in more than one data file \(w_000000, w_000001"):
         check(sink)
 

@@ -28,6 +28,7 @@ import posixpath
 import uuid
 from collections import Counter
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -42,6 +43,7 @@ TEMP_MARK = ".tmp-"
 MAIN_EXTENSIONS = (".parquet", ".tar")
 ERRORS_SUFFIX = ".errors.parquet"  # a WebDataset shard's error rows (a tar holds only samples)
 INDEX_FILES_KEY = b"janus_batch.files"  # index schema metadata: {relative path: size} of the task's files
+READ_THREADS = 32  # concurrent requests while reconciling (S3 latency, not bandwidth, bounds them)
 
 
 def write_file(fs: pafs.FileSystem, path: str, data: bytes) -> None:
@@ -116,9 +118,12 @@ class RunFiles:
         return {i.path.removeprefix(prefix): i.size for i in infos if i.type == pafs.FileType.File}
 
     def delete(self, relatives: list[str]) -> None:
-        for relative in relatives:
+        def delete_one(relative: str) -> None:
             with contextlib.suppress(FileNotFoundError):
                 self.filesystem.delete_file(self.path(relative))
+
+        with ThreadPoolExecutor(READ_THREADS) as pool:
+            list(pool.map(delete_one, relatives))  # raises the first failure: the run then stops
 
 
 def task_of(relative: str) -> str | None:
@@ -186,23 +191,36 @@ def reconcile(run: RunFiles, read_task: TaskReader, rows_per_input: Callable[[bo
             by_task.setdefault(task, {})[relative] = size
     mains = {task_of(r): r for r in files if is_main(r)}
 
-    tables, requeued = [], 0
-    for task, task_files in sorted(by_task.items()):
+    for task, task_files in by_task.items():
         if task not in mains:  # auxiliary files of a task that never committed
             deleted += list(task_files)
-            continue
-        table = cached_index(run, indexes.get(task), task_files)
+
+    def task_rows(task: str) -> pa.Table | None:
+        table = cached_index(run, indexes.get(task), by_task[task])
         if table is None:
-            table = reread_task(run, task, task_files, read_task)
-        if table is None or not whole(table, run.resume_key, rows_per_input):
-            deleted += [*task_files, *([indexes[task]] if task in indexes else [])]
-            continue
-        tables.append(table)
-    for task, relative in indexes.items():
-        if task not in mains:  # the data of an indexed task are gone
-            lost = pq.read_table(run.path(relative), columns=[run.resume_key], filesystem=run.filesystem)
-            requeued += len(lost[run.resume_key].unique())
-            deleted.append(relative)
+            table = reread_task(run, task, by_task[task], read_task)
+        return table if table is not None and whole(table, run.resume_key, rows_per_input) else None
+
+    def lost_inputs(index: str) -> int:
+        try:
+            return len(pq.read_table(run.path(index), columns=[run.resume_key], filesystem=run.filesystem)[0].unique())
+        except (OSError, KeyError, pa.ArrowException):
+            return 0
+
+    committed = sorted(mains)
+    orphan_indexes = [relative for task, relative in sorted(indexes.items()) if task not in mains]
+    # A run has a file per model call: read their indexes side by side (one request each).
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        found = list(pool.map(task_rows, committed))
+        requeued = sum(pool.map(lost_inputs, orphan_indexes))  # indexed inputs whose data are gone
+    tasks, tables = [], []
+    for task, table in zip(committed, found, strict=True):
+        if table is None:  # damaged: deleted whole, made again
+            deleted += [*by_task[task], *([indexes[task]] if task in indexes else [])]
+        else:
+            tasks.append(task)
+            tables.append(table)
+    deleted += orphan_indexes
     run.delete(deleted)
 
     schema = index_schema(run.resume_type, run.resume_key)
@@ -211,7 +229,7 @@ def reconcile(run: RunFiles, read_task: TaskReader, rows_per_input: Callable[[bo
         if tables
         else schema.empty_table()
     )
-    check_no_duplicates(table, run.resume_key, tables, sorted(t for t in by_task if t in mains))
+    check_no_duplicates(table, run.resume_key, tables, tasks)
     return Reconciled(
         done=table[run.resume_key].combine_chunks().unique(),
         rows=table.num_rows,
