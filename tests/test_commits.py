@@ -186,9 +186,10 @@ def test_a_run_is_succeeded_only_when_every_input_is_in_the_data():
     before = Reconciled(pa.array([], pa.uint64()), 0, 0, set(), 0, [])
     after = Reconciled(pa.array([1, 2], pa.uint64()), 3, 1, {"w"}, 0, [])  # one prompt failed: one row
     now = datetime.now(timezone.utc)
-    partial = summarize(spec, 3, before, after, now, 1.0)
+    partial = summarize(spec, 3, before, after, now, 1.0, "janus-pro")
     assert (partial["status"], partial["inputs_done"], partial["expected_rows"]) == ("incomplete", 2, 5)
-    done = summarize(spec, 2, before, after, now, 1.0)
+    assert partial["prompt_format"] == "janus-pro"
+    done = summarize(spec, 2, before, after, now, 1.0, "janus-pro")
     assert (done["status"], done["expected_rows"], done["rows_written"], done["errors_written"]) == (
         "succeeded",
         3,

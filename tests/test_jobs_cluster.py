@@ -65,7 +65,9 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
     # Keys in the job file: the session cluster's workers do not see this driver's environment.
     config = tmp_path / "job.yaml"
     storage_keys = {"key": storage.key.get_secret_value(), "secret": storage.secret.get_secret_value()}
-    config.write_text(json.dumps({"storage": storage_keys, "input": {"check_duplicate_ids": False}}))
+    # A short lease: the killed driver's lasts until it expires, and the rerun waits for it (--wait-for-lease).
+    spec = {"storage": storage_keys, "input": {"check_duplicate_ids": False}, "lease": {"ttl_s": 3}}
+    config.write_text(json.dumps(spec))
     args = synthesize_args(source, f"{bucket}/out", storage, tiny_model_dir, "k")
     command = [sys.executable, *args, "--config", str(config)]
     # The driver joins the session's cluster; killing it kills its job's tasks and actors.
@@ -81,9 +83,11 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
         first.wait()
     fs = storage.filesystem(run_dir)
     assert fs.get_file_info(fs_path(f"{run_dir}/summary.json")).type == pafs.FileType.NotFound  # killed mid-run
-    time.sleep(3)  # let Ray reap the dead driver's workers before the rerun reads the checkpoint
+    time.sleep(3)  # let Ray reap the dead driver's workers before the rerun reads the run folder
 
-    second = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
+    second = subprocess.run(
+        [*command, "--wait-for-lease"], cwd=REPO, env=env, capture_output=True, text=True, timeout=300
+    )
     assert second.returncode == 0, second.stdout[-3000:] + second.stderr[-3000:]
     rows = read_parquet_dir(f"{run_dir}/data", storage).select(["key", "prompt_id", "sample_index", "error"])
     pairs = [(r["prompt_id"], r["sample_index"]) for r in rows.to_pylist()]

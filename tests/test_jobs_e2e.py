@@ -69,6 +69,7 @@ def test_synthesize_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_p
     summary = run(SynthesizeJob.model_validate(spec))
     assert (summary["inputs"], summary["rows_written"], summary["errors"]) == (4, 7, 1)
     assert summary["expected_rows"] == 7 and summary_of(f"{bucket}/out/r1", storage)["rows_written"] == 7
+    assert summary["prompt_format"] == "janus-pro"
     files = download_dir(f"{bucket}/out/r1/data", storage, tmp_path / "data")
     expected = {(pid, i) for pid in PROMPTS for i in range(2)}
     engine_model = JanusEngine.from_pretrained(str(tiny_model_dir)).model_id

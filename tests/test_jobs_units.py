@@ -412,6 +412,13 @@ def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tin
         prepare(SynthesizeJob.model_validate(job))
     with pytest.raises(ValueError, match="has no image column 'image'"):
         prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
+    pickled = tmp_path / "pickled"  # as deepseek-ai/Janus-Pro-1B: config.json and a pytorch_model.bin
+    pickled.mkdir()
+    (pickled / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())
+    (pickled / "pytorch_model.bin").write_bytes(b"not loaded")
+    job = {**base, "input": {"path": prompts, "prompt_column": "text"}, "model": {"source": str(pickled)}}
+    with pytest.raises(ValueError, match="has only pickle weights .* --allow-pickle"):
+        prepare(SynthesizeJob.model_validate(job))
     # Bad credentials: wrong keys, with the S3-protocol server checking keys from here on.
     monkeypatch.setattr(moto.settings, "INITIAL_NO_AUTH_ACTION_COUNT", 0)
     wrong_keys = {**base["storage"], "key": "AKIDWRONG", "secret": "wrong"}

@@ -51,6 +51,8 @@ from janus_batch.io.storage import (
 )
 from janus_batch.io.writers import RunWriter
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
+from janus_batch.model import check_weights
+from janus_batch.model.loading import prompt_format_of
 
 BUILTIN_PROMPTS = [
     "A photo of a red fox sitting in the snow, golden hour.",
@@ -122,7 +124,7 @@ def reconcile_run(spec: JobSpec, prepared: Prepared) -> Reconciled:
 
 
 # What may change when a run is resumed: how it runs, not what it makes.
-RESUMABLE_CHANGES = ("resources.", "storage.", "lease.", "output.rows_per_file")
+RESUMABLE_CHANGES = ("resources.", "storage.", "lease.", "output.rows_per_file", "model.allow_pickle")
 
 
 def check_resumable(spec: JobSpec, prepared: Prepared) -> None:
@@ -189,6 +191,13 @@ class Prepared:
         self.files = files
         self.schema = schema
         self.image_size = model_image_size(model_config)
+        model = spec.model
+        source = model.source or "tiny"
+        recorded = model_config.get("prompt_format")
+        # What the engine will use (it logs it at load): the spec's, else as the checkpoint tells.
+        self.prompt_format = (
+            model.prompt_format if model.prompt_format != "auto" else prompt_format_of(source, recorded)[0]
+        )
 
 
 # Inputs with more files than this are fingerprinted by one digest (a change is still refused, unnamed).
@@ -255,6 +264,16 @@ def prepare(spec: JobSpec) -> Prepared:
             }
             readers.require_columns(schema, columns, input_path)
     model_config = read_model_config(spec.model.source, storage, spec.model.revision)
+    if spec.model.source is not None:  # pickle-only weights without the opt-in fail here, not in every actor
+        try:
+            check_weights(
+                spec.model.source,
+                allow_pickle=spec.model.allow_pickle,
+                revision=spec.model.revision,
+                storage_options=storage.storage_options(),
+            )
+        except (OSError, ValueError) as e:
+            raise ValueError(f"model {spec.model.source!r}: {e}") from None
     return Prepared(spec, input_path, files, schema, model_config)
 
 
@@ -556,7 +575,8 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
                 print(f"[janus-batch] warning: {warning}", flush=True)
             write_outputs(prepared, before, inputs, start, progress_every_s)
         after = reconcile_run(spec, prepared)
-        summary = summarize(spec, inputs, before, after, started_at, time.perf_counter() - start)
+        wall = time.perf_counter() - start
+        summary = summarize(spec, inputs, before, after, started_at, wall, prepared.prompt_format)
         write_bytes(join(spec.run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), spec.storage)
     print(
         f"[janus-batch] {summary['status']}: {summary['rows_written']} rows written ({summary['errors_written']} "
@@ -571,7 +591,13 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
 
 
 def summarize(
-    spec: JobSpec, inputs: int, before: Reconciled, after: Reconciled, started_at: datetime, wall: float
+    spec: JobSpec,
+    inputs: int,
+    before: Reconciled,
+    after: Reconciled,
+    started_at: datetime,
+    wall: float,
+    prompt_format: str,
 ) -> dict:
     """summary.json: every count from the run's data (see reconcile_run), not from what the tasks reported."""
     missing = inputs - len(after.done)
@@ -587,6 +613,7 @@ def summarize(
         expected_rows=after.rows + max(missing, 0) * spec.outputs_per_input,
         rows=after.rows,
         errors=after.errors,
+        prompt_format=prompt_format,
         inputs_done_before=len(before.done),
         rows_before=before.rows,
         rows_written=written,
