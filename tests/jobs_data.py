@@ -9,6 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from janus_batch import stages
 from janus_batch.io.storage import StorageConfig, fs_path
 
 # CPU-only settings that fit a 2-CPU cluster: one model actor, fractional CPU stages.
@@ -62,3 +63,23 @@ def synth_spec(input_uri: str | None, output_path: str, storage: StorageConfig, 
         else:
             spec[key] = value
     return spec
+
+
+def prepared_images(batch: pa.Table, storage: StorageConfig, **kwargs) -> pa.Table:
+    """`stages.prepare_images` with a Parquet caption job's arguments (`kwargs` override them); a `row_hash`
+    column is added when the batch has none."""
+    if "row_hash" not in batch.column_names:
+        batch = batch.append_column("row_hash", pa.array(range(len(batch)), pa.uint64()))
+    args = dict(
+        resume_key="row_hash",
+        image_column="image",
+        image_uri_column=None,
+        id_column="image_id",
+        question_column=None,
+        passthrough=["image_id"],
+        duplicates=set(),
+        image_size=64,
+        storage=storage,
+        max_image_bytes=100_000,
+    )
+    return stages.prepare_images(batch, **{**args, **kwargs})

@@ -32,7 +32,7 @@ from janus_batch.io.storage import StorageConfig, write_bytes
 from janus_batch.jobs import CaptionJob, run
 from janus_batch.jobs.pipeline import prepare
 from janus_batch.jobs.specs import SynthesizeJob
-from tests.jobs_data import SMALL_RESOURCES, sample_images, write_parquet
+from tests.jobs_data import SMALL_RESOURCES, prepared_images, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
 
@@ -83,23 +83,6 @@ HOSTILE_PATH_ERRORS = {
 }
 
 
-def prepared(batch: pa.Table, storage: StorageConfig, **kwargs) -> pa.Table:
-    args = dict(
-        resume_key="row_hash",
-        image_column="image",
-        image_uri_column=None,
-        id_column="image_id",
-        question_column=None,
-        passthrough=["image_id"],
-        duplicates=set(),
-        image_size=64,
-        storage=storage,
-        max_image_bytes=100_000,
-    )
-    batch = batch.append_column("row_hash", pa.array(range(len(batch)), pa.uint64()))
-    return stages.prepare_images(batch, **{**args, **kwargs})
-
-
 def assert_good(pixels: bytes, image: bytes) -> None:
     array = np.frombuffer(pixels, np.uint8).reshape(64, 64, 3)
     np.testing.assert_array_equal(array, preprocess_image(decode_image(image), 64))
@@ -126,8 +109,8 @@ def test_bad_paths_and_undecodable_files_are_the_rows_errors(tmp_path, storage, 
         "s3 bucket only": bucket,
     }
     args = dict(image_column=None, image_uri_column="url", id_column=None, passthrough=["url"])
-    out = prepared(pa.table({"url": pa.array([*uris.values(), None, "  "], pa.string())}), storage, **args)
-    binary = prepared(pa.table({"url": pa.array([paths["good"].encode(), b"\xff\xfe.png"])}), storage, **args)
+    out = prepared_images(pa.table({"url": pa.array([*uris.values(), None, "  "], pa.string())}), storage, **args)
+    binary = prepared_images(pa.table({"url": pa.array([paths["good"].encode(), b"\xff\xfe.png"])}), storage, **args)
     names = [*uris, "null", "blank", "binary good", "binary"]
     errors = dict(zip(names, out["error"].to_pylist() + binary["error"].to_pylist(), strict=True))
     pixels = dict(zip(names, out["pixels"].to_pylist() + binary["pixels"].to_pylist(), strict=True))
@@ -162,7 +145,7 @@ def test_image_structs_bytes_or_path(tmp_path, storage):
         {"bytes": None, "path": None},
         None,
     ]
-    out = prepared(pa.table({"image": structs, "image_id": [f"i{i}" for i in range(len(structs))]}), storage)
+    out = prepared_images(pa.table({"image": structs, "image_id": [f"i{i}" for i in range(len(structs))]}), storage)
     errors = out["error"].to_pylist()
     assert errors[:2] == [None, None]
     assert_good(out["pixels"][0].as_py(), good[0])
@@ -228,9 +211,9 @@ def test_store_faults_stop_the_task_and_refusals_are_the_rows(reply, store_fault
     try:
         if store_fault:
             with pytest.raises(stages.StorageUnavailable, match="s3://bucket/a.png"):
-                prepared(batch, server.storage(), **args)
+                prepared_images(batch, server.storage(), **args)
         else:
-            assert "ACCESS_DENIED" in prepared(batch, server.storage(), **args)["error"][0].as_py()
+            assert "ACCESS_DENIED" in prepared_images(batch, server.storage(), **args)["error"][0].as_py()
     finally:
         server.shutdown()
 
@@ -259,7 +242,7 @@ def test_binary_text_columns_are_decoded_or_the_rows_error():
         None,
     ]
     questions = pa.table({"image": [sample_images(1)[0]] * 2, "question": pa.array([b"Which colour?", b"\x80?"])})
-    out = prepared(questions, StorageConfig(), id_column=None, question_column="question", passthrough=[])
+    out = prepared_images(questions, StorageConfig(), id_column=None, question_column="question", passthrough=[])
     assert out["question"].to_pylist() == ["Which colour?", None]
     assert out["error"].to_pylist() == [None, "question is not valid UTF-8 text (byte 0x80 at offset 0)"]
 
@@ -275,12 +258,12 @@ def test_nan_and_huge_ids_are_duplicates_with_short_messages(ray_cluster, tmp_pa
     out = stages.prepare_prompts(table, prompt_column="prompt", id_column="id", duplicates=dups)
     assert out["error"].to_pylist() == [None, *["duplicate id 'nan': more than one input row has it"] * 2, None]
     images = pa.table({"image": [sample_images(1)[0]] * 3, "image_id": [float("nan"), float("nan"), 1.0]})
-    out = prepared(images, local, duplicates=dups)
+    out = prepared_images(images, local, duplicates=dups)
     assert out["error"].to_pylist() == [*["duplicate image_id nan: more than one input row has it"] * 2, None]
 
     # Huge values are named by their start: an id, or a prompt that is its own id, can hold a whole image.
     blob = sample_images(1)[0] * 50
-    out = prepared(pa.table({"image": [blob] * 2, "image_id": [blob] * 2}), local, duplicates={blob})
+    out = prepared_images(pa.table({"image": [blob] * 2, "image_id": [blob] * 2}), local, duplicates={blob})
     assert out["error"][0].as_py() == (
         f"duplicate image_id {repr(blob)[:80]}... ({len(blob)} bytes): more than one input row has it"
     )

@@ -32,7 +32,7 @@ from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
 from janus_batch.jobs.specs import RUN_ID, CaptionJob, ModelSpec, ResourceSpec, SynthesizeJob, resolve_run_id
 from janus_batch.model import loading
 from tests.conftest import free_port
-from tests.jobs_data import encoded, sample_images, write_parquet
+from tests.jobs_data import encoded, prepared_images, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
 REPO = Path(__file__).resolve().parents[1]
@@ -215,22 +215,6 @@ def test_prepare_prompts_reports_each_bad_row():
     twice = pa.table({"prompt": ["a fox", "a fox"], "row_hash": pa.array([1, 2], pa.uint64())})
     out = stages.prepare_prompts(twice, prompt_column="prompt", id_column=None, duplicates={"a fox"})
     assert out["error"].to_pylist() == ["duplicate prompt 'a fox': more than one input row has it"] * 2
-
-
-def prepared_images(batch: pa.Table, storage: StorageConfig, **kwargs) -> pa.Table:
-    args = dict(
-        resume_key="row_hash",
-        image_column="image",
-        image_uri_column=None,
-        id_column="image_id",
-        question_column=None,
-        passthrough=["image_id"],
-        duplicates=set(),
-        image_size=64,
-        storage=storage,
-        max_image_bytes=100_000,
-    )
-    return stages.prepare_images(batch, **{**args, **kwargs})
 
 
 def test_prepare_images_reports_each_bad_row(tmp_path, storage):
