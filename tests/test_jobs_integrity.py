@@ -22,7 +22,7 @@ import ray
 
 from janus_batch.io.commits import RunFiles, task_of
 from janus_batch.io.lease import LeaseHeld
-from janus_batch.io.storage import fs_path
+from janus_batch.io.storage import StorageConfig, fs_path
 from janus_batch.jobs import SynthesizeJob, run
 from janus_batch.model.tiny import write_tiny_model
 from tests.fault_proxy import FaultProxy
@@ -187,7 +187,16 @@ def test_a_driver_killed_in_the_commit_window_then_a_failing_cleanup_then_a_resu
     nothing); then a rerun that ends exact."""
     bucket = s3_server.make_bucket()
     with FaultProxy(s3_server.endpoint_url, seed=1) as proxy:
-        faulty = storage.model_copy(update={"endpoint_url": proxy.url})
+        # A short retry budget: the faults below are meant, and each must end its call in seconds.
+        faulty = StorageConfig.model_validate(
+            {
+                **storage.model_dump(),
+                "key": s3_server.key,
+                "secret": s3_server.secret,
+                "endpoint_url": proxy.url,
+                "retries": {"attempts": 3, "max_seconds": 10},
+            }
+        )
         source = write_parquet(prompts_table(8), f"{bucket}/in/p.parquet", storage)
         spec = SynthesizeJob.model_validate(
             synth_spec(

@@ -51,7 +51,7 @@ def test_synthetic_corpus_runs(tmp_path, monkeypatch):
     text = "".join(o.get("text", "") for o in outputs if o.get("name") == "stdout")
     # 4 prompts x 4 images, then the same run id again: resumed, nothing redone.
     assert "wrote 16 rows (0 errors)" in text and '"expected_rows": 16' in text
-    assert "rerun wrote 0 new rows; 16 were already committed" in text
+    assert "rerun wrote 0 new rows; 16 were already there" in text
     assert "image feature: Image(" in text
     assert "captioned 16 images (0 errors)" in text and "16 captions" in text
     grids = [o for o in outputs if "image/png" in o.get("data", {})]

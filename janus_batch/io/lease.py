@@ -50,7 +50,7 @@ class RunLease:
         now = time.time()
         return json.dumps({"owner": self.owner, "renewed_at": now, "expires_at": now + self.ttl_s}).encode()
 
-    def acquire(self, wait: bool, poll_s: float = 5.0) -> None:
+    def acquire(self, wait: bool, poll_s: float = 2.0) -> None:
         """Take the lease, or raise LeaseHeld naming its holder (with `wait`: poll until it is free)."""
         told = False
         while True:

@@ -551,10 +551,10 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         ray.init()
     started_at = datetime.now(timezone.utc)
     start = time.perf_counter()
-    spec = resolve(spec)
+    prepared = prepare(resolve(spec))  # a bad job fails here, before it takes the run's lease
+    spec = prepared.spec
     with RunLease(spec.run_dir, spec.storage, spec.lease.ttl_s) as lease:
         lease.acquire(wait=spec.lease.wait)
-        prepared = prepare(spec)
         inputs = count_input_rows(prepared)
         check_resumable(spec, prepared)
         before = reconcile_run(spec, prepared)
