@@ -138,6 +138,12 @@ class LocalLease:
             self.fd = None
 
 
+def error_code(e: Exception) -> str | None:
+    """The S3 error code of a botocore ClientError, else None."""
+    response = getattr(e, "response", None)
+    return response.get("Error", {}).get("Code") if isinstance(response, dict) else None
+
+
 class S3Lease:
     def __init__(self, uri: str, storage: StorageConfig):
         import botocore.config
@@ -160,29 +166,30 @@ class S3Lease:
 
     def put(self, record: bytes, **condition) -> str | None:
         """The new ETag, or None when the condition failed."""
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             return self.client.put_object(Bucket=self.bucket, Key=self.key, Body=record, **condition)["ETag"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("PreconditionFailed", "ConditionalRequestConflict"):
+        except Exception as e:
+            if error_code(e) in ("PreconditionFailed", "ConditionalRequestConflict"):
                 return None
-            raise OSError(f"writing the lease s3://{self.bucket}/{self.key}: {e}") from None
-        except BotoCoreError as e:  # a reset or timeout, after the retry budget
-            raise OSError(f"writing the lease s3://{self.bucket}/{self.key}: {e}") from None
+            raise self.store_error("writing", e) from None
 
     def get(self) -> tuple[dict, str] | None:
-        from botocore.exceptions import BotoCoreError, ClientError
-
         try:
             response = self.client.get_object(Bucket=self.bucket, Key=self.key)
             return json.loads(response["Body"].read()), response["ETag"]
-        except ClientError as e:
-            if e.response.get("Error", {}).get("Code") in ("NoSuchKey", "404"):
+        except Exception as e:
+            if error_code(e) in ("NoSuchKey", "404"):
                 return None
-            raise OSError(f"reading the lease s3://{self.bucket}/{self.key}: {e}") from None
-        except BotoCoreError as e:
-            raise OSError(f"reading the lease s3://{self.bucket}/{self.key}: {e}") from None
+            raise self.store_error("reading", e) from None
+
+    def store_error(self, doing: str, e: Exception) -> Exception:
+        """A botocore error (refused, or a reset or timeout after the retry budget) as an OSError naming the call;
+        anything else as it is."""
+        from botocore.exceptions import BotoCoreError, ClientError
+
+        if isinstance(e, (ClientError, BotoCoreError)):
+            return OSError(f"{doing} the lease s3://{self.bucket}/{self.key}: {e}")
+        return e
 
     def take(self, record: bytes, owner: str) -> dict | None:
         while True:
