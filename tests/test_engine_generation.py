@@ -16,9 +16,9 @@ import torch
 from PIL import Image
 
 from benchmarks.bench import build_model, weight_bytes
-from janus_batch.engine import JanusEngine, decoder
-from janus_batch.engine import engine as engine_module
-from janus_batch.engine.engine import STOP_CHECK_EVERY, generation_prompt, understanding_prompt
+from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder, memory
+from janus_batch.engine.engine import STOP_CHECK_EVERY
+from janus_batch.engine.prompts import generation_prompt, understanding_prompt
 from janus_batch.engine.sampling import gumbel_noise, id32, row_key, vocab_codes
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import (
@@ -57,7 +57,9 @@ def prompt_ids(engine: JanusEngine, prompt: str, prompt_format: str = "janus-pro
 def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt, cfg_weight):
     # The reference VQ-decodes each prompt's images as one batch; decode in batches of that shape too.
     engine = JanusEngine(engine.model, engine.processor, vq_batch=images_per_prompt)
-    results = engine.generate_images(PROMPTS, images_per_prompt=images_per_prompt, cfg_weight=cfg_weight, greedy=True)
+    results = engine.generate_images(
+        PROMPTS, ImageSampling(images_per_prompt=images_per_prompt, cfg_weight=cfg_weight, greedy=True)
+    )
     assert [(r.prompt, r.sample_index) for r in results] == [(p, i) for p in PROMPTS for i in range(images_per_prompt)]
     for p, prompt in enumerate(PROMPTS):
         assert engine.generation_ids(prompt) == prompt_ids(engine, prompt)  # the prompt DeepSeek's code makes
@@ -77,7 +79,7 @@ def test_greedy_batch_is_token_identical_to_reference(engine, images_per_prompt,
 def test_greedy_real_geometry_576_tokens():
     model, processor = build_tiny_model(384)
     engine = JanusEngine(model, processor, vq_batch=1)
-    results = engine.generate_images(PROMPTS[:2], images_per_prompt=1, greedy=True)
+    results = engine.generate_images(PROMPTS[:2], ImageSampling(images_per_prompt=1, greedy=True))
     assert results[0].tokens.shape == (576,) and results[0].pixels.shape == (384, 384, 3)
     for result, prompt in zip(results, PROMPTS[:2], strict=True):
         ref_tokens, ref_pixels = reference_generate(
@@ -85,14 +87,6 @@ def test_greedy_real_geometry_576_tokens():
         )
         np.testing.assert_array_equal(result.tokens, ref_tokens[0].numpy())
         np.testing.assert_array_equal(result.pixels, ref_pixels[0])
-
-
-def first_steps(engine: JanusEngine, steps: int) -> JanusEngine:
-    """An engine on the same model that makes only the first `steps` tokens of each image (and no pixels): the
-    tests that check a few steps decode only those."""
-    short = JanusEngine(engine.model, engine.processor, prompt_format=engine.prompt_format)
-    short.num_gen_tokens = steps
-    return short
 
 
 def cfg_logits_of(model) -> list[torch.Tensor]:
@@ -115,9 +109,10 @@ def test_bf16_path_is_within_bf16_rounding_and_differs_from_the_reference_loop_o
     ids = [generation_ids(processor.tokenizer, PROMPTS[1])]
     pad = pad_id(processor.tokenizer)
     bf16 = copy.deepcopy(model).to(torch.bfloat16)
-    engine = first_steps(JanusEngine(bf16, processor), BF16_STEPS)
+    engine = JanusEngine(bf16, processor)
     logits = cfg_logits_of(bf16)
-    bucketed = engine.generate_image_tokens(ids, [0], 5.0, 0.0)
+    greedy = ImageSampling(greedy=True)
+    bucketed = engine.generate_image_tokens(ids, [0], greedy, BF16_STEPS)
     # The real bf16 path (the engine's bucketed attention under a mask): its first CFG logits are the reference
     # forward's in bf16 to within kernel rounding (equal on CPU; a mask that lets a query see one slot too many
     # is 3% off), and those are the fp32 ones to within bf16's rounding (measured: 1.3% of the largest logit).
@@ -131,7 +126,7 @@ def test_bf16_path_is_within_bf16_rounding_and_differs_from_the_reference_loop_o
     # the reference loop's, to the bit.
     want = reference_generate(bf16, ids[0], pad, 1, 5.0, greedy=True, steps=BF16_STEPS)[0]
     monkeypatch.setattr(decoder, "F", SimpleNamespace(scaled_dot_product_attention=reference_attention))
-    np.testing.assert_array_equal(engine.generate_image_tokens(ids, [0], 5.0, 0.0).numpy(), want.numpy())
+    np.testing.assert_array_equal(engine.generate_image_tokens(ids, [0], greedy, BF16_STEPS).numpy(), want.numpy())
 
 
 def tokens_by_key(results) -> dict[tuple[str, int], np.ndarray]:
@@ -139,38 +134,40 @@ def tokens_by_key(results) -> dict[tuple[str, int], np.ndarray]:
 
 
 def test_sampling_is_batch_invariant(engine):
-    alone = engine.generate_images(["a red fox"], images_per_prompt=4, seed=7)
+    alone = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=4, seed=7))
     engine_small_batches = JanusEngine(engine.model, engine.processor, max_batch_rows=3)
-    crowded = engine_small_batches.generate_images([PROMPTS[1], "a red fox", PROMPTS[2]], images_per_prompt=4, seed=7)
-    reordered = engine.generate_images([PROMPTS[2], "a red fox"], images_per_prompt=4, seed=7)
+    crowded = engine_small_batches.generate_images(
+        [PROMPTS[1], "a red fox", PROMPTS[2]], ImageSampling(images_per_prompt=4, seed=7)
+    )
+    reordered = engine.generate_images([PROMPTS[2], "a red fox"], ImageSampling(images_per_prompt=4, seed=7))
     want = tokens_by_key(alone)
     for results in (crowded, reordered):
         got = tokens_by_key(results)
         for key, tokens in want.items():
             np.testing.assert_array_equal(got[key], tokens)
     # A prompt id, not the prompt's position, keys the noise: same id => same images.
-    by_id = engine.generate_images(["a red fox"], prompt_ids=["fox-1"], images_per_prompt=2, seed=7)
+    by_id = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=2, seed=7), prompt_ids=["fox-1"])
     by_id_again = engine.generate_images(
-        ["portrait", "a red fox"], prompt_ids=["p", "fox-1"], images_per_prompt=2, seed=7
+        ["portrait", "a red fox"], ImageSampling(images_per_prompt=2, seed=7), prompt_ids=["p", "fox-1"]
     )
     np.testing.assert_array_equal(by_id[1].tokens, by_id_again[3].tokens)
 
 
 def test_seeds_and_image_indices_give_different_images(engine):
-    a = engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)
-    b = engine.generate_images(["a red fox"], images_per_prompt=3, seed=2)
+    a = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=3, seed=1))
+    b = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=3, seed=2))
     assert all(r.seed == 1 for r in a)
     assert not np.array_equal(a[0].tokens, a[1].tokens)
     assert not np.array_equal(a[0].tokens, b[0].tokens)
     np.testing.assert_array_equal(
-        a[2].pixels, engine.generate_images(["a red fox"], images_per_prompt=3, seed=1)[2].pixels
+        a[2].pixels, engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=3, seed=1))[2].pixels
     )
 
 
 def test_top_k_one_and_a_tiny_top_p_are_greedy(engine):
-    greedy = engine.generate_images(["a red fox"], images_per_prompt=1, greedy=True)
-    top1 = engine.generate_images(["a red fox"], images_per_prompt=2, top_k=1, seed=3)
-    tiny_p = engine.generate_images(["a red fox"], images_per_prompt=2, top_p=1e-6, seed=3)
+    greedy = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=1, greedy=True))
+    top1 = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=2, top_k=1, seed=3))
+    tiny_p = engine.generate_images(["a red fox"], ImageSampling(images_per_prompt=2, top_p=1e-6, seed=3))
     for r in top1 + tiny_p:
         np.testing.assert_array_equal(r.tokens, greedy[0].tokens)
 
@@ -194,8 +191,8 @@ def sample_tokens(
     """The first `steps` tokens of N_SAMPLES images of one prompt, in one batch (no VQ decode)."""
     keys = [row_key(seed, id32(prompt), i) for i in range(N_SAMPLES)]
     ids = prompt_ids(engine, prompt)
-    short = first_steps(engine, steps)
-    return short.generate_image_tokens([ids] * N_SAMPLES, keys, cfg_weight, temperature, top_k, top_p).numpy()
+    sampling = ImageSampling(cfg_weight=cfg_weight, temperature=temperature, top_k=top_k, top_p=top_p)
+    return engine.generate_image_tokens([ids] * N_SAMPLES, keys, sampling, steps).numpy()
 
 
 @pytest.mark.parametrize("prompt,cfg_weight,temperature", [("a red fox", 5.0, 1.0), (PROMPTS[1], 3.0, 1.5)])
@@ -283,7 +280,7 @@ def test_bad_prompts_get_specific_errors(engine):
     with pytest.raises(ValueError, match="prompt_ids"):
         engine.generate_images(["a", "b"], prompt_ids=["only-one"])
     with pytest.raises(ValueError, match="images_per_prompt"):
-        engine.generate_images(["a"], images_per_prompt=0)
+        engine.generate_images(["a"], ImageSampling(images_per_prompt=0))
 
 
 # ---- prompt formats -----------------------------------------------------------------------------------
@@ -293,7 +290,7 @@ def test_janus_1_3b_prompts_use_its_roles_and_match_the_reference(engine):
     # Janus-1.3B's scripts say User / Assistant where Janus-Pro's say <|User|> / <|Assistant|>.
     old = JanusEngine(engine.model, engine.processor, prompt_format="janus-1.3b", vq_batch=1)
     assert prompt_ids(engine, PROMPTS[1], "janus-1.3b") != prompt_ids(engine, PROMPTS[1])
-    results = old.generate_images(PROMPTS[1:], images_per_prompt=1, greedy=True)
+    results = old.generate_images(PROMPTS[1:], ImageSampling(images_per_prompt=1, greedy=True))
     for result, prompt in zip(results, PROMPTS[1:], strict=True):
         ids = prompt_ids(engine, prompt, "janus-1.3b")
         assert old.generation_ids(prompt) == ids
@@ -363,20 +360,17 @@ def test_decode_loops_make_no_host_round_trip_per_step(engine, monkeypatch):
     monkeypatch.setattr(decoder, "forward", counted_forward)
     counts = count_host_round_trips(monkeypatch)
     ids = prompt_ids(engine, "a red fox")
-    engine.generate_image_tokens([ids, ids[:3] + ids[-2:]], [1, 2], 5.0, 1.0)
+    engine.generate_image_tokens([ids, ids[:3] + ids[-2:]], [1, 2], ImageSampling())
     assert steps == engine.num_gen_tokens  # one prefill, then one forward per token after the first
     assert sum(counts.values()) <= 3, counts  # the batch's ids, padding and sampling keys; nothing per step
 
     # Understanding checks for all rows done once every STOP_CHECK_EVERY steps, and nothing else.
-    never_stops = JanusEngine(engine.model, engine.processor)
-    never_stops.eos_id = -1
     image = Image.new("RGB", (40, 30), (200, 10, 10))
     per_call = []
     for max_new_tokens in (8, 40):
         counts.clear()
-        never_stops.generate_text_tokens(
-            [never_stops.encode("x")], np.stack([never_stops.prepare_image(image)]), [0], max_new_tokens, 0.0
-        )
+        never_stops = TextSampling(max_new_tokens=max_new_tokens, ignore_eos=True)
+        engine.generate_text_tokens([engine.encode("x")], np.stack([engine.prepare_image(image)]), [0], never_stops)
         per_call.append(sum(counts.values()))
     assert per_call[1] - per_call[0] == 32 // STOP_CHECK_EVERY, per_call
 
@@ -398,60 +392,60 @@ def batch_sizes(engine: JanusEngine, monkeypatch) -> list[int]:
 
 
 def test_kv_cache_budget_sets_equal_batches_and_is_kept_across_calls(engine, monkeypatch):
-    want = tokens_by_key(engine.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    want = tokens_by_key(engine.generate_images(PROMPTS, ImageSampling(images_per_prompt=4, seed=5)))
     longest = max(len(prompt_ids(engine, p)) for p in PROMPTS)
     slots_per_image = 2 * decoder.round_up(longest + engine.num_gen_tokens)  # conditional + unconditional row
     budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=5 * slots_per_image)
     sizes = batch_sizes(budgeted, monkeypatch)
 
-    got = budgeted.generate_images(PROMPTS, images_per_prompt=4, seed=5)
+    got = budgeted.generate_images(PROMPTS, ImageSampling(images_per_prompt=4, seed=5))
     assert sizes == [4, 4, 4]  # 12 images, 5 fit: three equal batches rather than 5 + 5 + 2
     got = tokens_by_key(got)
     assert got.keys() == want.keys()
     for key, tokens in want.items():
         np.testing.assert_array_equal(got[key], tokens)
-    store, kept = budgeted.kv, dict(budgeted.static_batches)
+    store, kept = budgeted.memory.kv, dict(budgeted.memory.static_batches)
     assert store.capacity == 5 * slots_per_image and len(kept) == 1
-    budgeted.generate_images(list(reversed(PROMPTS)), images_per_prompt=4, seed=6)
+    budgeted.generate_images(list(reversed(PROMPTS)), ImageSampling(images_per_prompt=4, seed=6))
     # Same shape again: the same KV store and kept tensors (on a GPU: the same CUDA graphs, replayed).
-    assert budgeted.kv is store
-    assert budgeted.static_batches.keys() == kept.keys()
-    assert all(budgeted.static_batches[k] is v for k, v in kept.items())
+    assert budgeted.memory.kv is store
+    assert budgeted.memory.static_batches.keys() == kept.keys()
+    assert all(budgeted.memory.static_batches[k] is v for k, v in kept.items())
 
     # Only the most recently used shapes are kept (a Serve replica meets many batch sizes).
-    monkeypatch.setattr(engine_module, "MAX_BATCH_SHAPES", 2)
+    monkeypatch.setattr(memory, "MAX_BATCH_SHAPES", 2)
     for images in (1, 2, 3, 2):
-        budgeted.generate_images(PROMPTS[:1], images_per_prompt=images)
-    assert [k[1] for k in budgeted.static_batches] == [3, 2]
+        budgeted.generate_images(PROMPTS[:1], ImageSampling(images_per_prompt=images))
+    assert [k[1] for k in budgeted.memory.static_batches] == [3, 2]
 
     with pytest.raises(ValueError, match="KV cache slots, the cache holds"):
         JanusEngine(engine.model, engine.processor, kv_cache_tokens=slots_per_image - 1).generate_images(PROMPTS)
 
 
 def test_dropped_batches_free_their_memory_at_once(engine, monkeypatch):
-    # release_kv (before a retry after out of memory) and the eviction of old shapes must free the KV cache
+    # memory.release() (before a retry after out of memory) and the eviction of old shapes must free the KV cache
     # and CUDA graphs at once: a batch's decode step closes over the batch, a cycle only a gc pass would free.
     budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=1 << 14)
-    budgeted.generate_images(PROMPTS[:1], images_per_prompt=2)
-    budgeted.understand([np.zeros((64, 64, 3), np.uint8)], max_new_tokens=3)
+    budgeted.generate_images(PROMPTS[:1], ImageSampling(images_per_prompt=2))
+    budgeted.understand([np.zeros((64, 64, 3), np.uint8)], None, TextSampling(max_new_tokens=3))
     gc.disable()  # what frees the batches must be their reference counts
     try:
-        batches = [weakref.ref(b) for b in budgeted.static_batches.values()]
-        caches = [weakref.ref(b.cache.keys[0]) for b in budgeted.static_batches.values()]
-        budgeted.release_kv()
+        batches = [weakref.ref(b) for b in budgeted.memory.static_batches.values()]
+        caches = [weakref.ref(b.cache.keys[0]) for b in budgeted.memory.static_batches.values()]
+        budgeted.memory.release()
         assert len(batches) == 2 and all(r() is None for r in batches + caches)
 
-        monkeypatch.setattr(engine_module, "MAX_BATCH_SHAPES", 1)
-        budgeted.generate_images(PROMPTS[:1], images_per_prompt=1)
-        first = weakref.ref(next(iter(budgeted.static_batches.values())))
-        budgeted.generate_images(PROMPTS[:1], images_per_prompt=2)  # another shape evicts the first
+        monkeypatch.setattr(memory, "MAX_BATCH_SHAPES", 1)
+        budgeted.generate_images(PROMPTS[:1], ImageSampling(images_per_prompt=1))
+        first = weakref.ref(next(iter(budgeted.memory.static_batches.values())))
+        budgeted.generate_images(PROMPTS[:1], ImageSampling(images_per_prompt=2))  # another shape evicts the first
         assert first() is None
     finally:
         gc.enable()
 
 
 def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeypatch):
-    want = tokens_by_key(engine.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    want = tokens_by_key(engine.generate_images(PROMPTS, ImageSampling(images_per_prompt=4, seed=5)))
     longest = max(len(prompt_ids(engine, p)) for p in PROMPTS)
     budget = 12 * 2 * decoder.round_up(longest + engine.num_gen_tokens)
     budgeted = JanusEngine(engine.model, engine.processor, kv_cache_tokens=budget)
@@ -460,14 +454,14 @@ def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeyp
 
     def out_of_memory_once(*args):
         if not injected:
-            injected.append(budgeted.kv.capacity)
+            injected.append(budgeted.memory.kv.capacity)
             raise torch.OutOfMemoryError("CUDA out of memory. Tried to allocate 2.00 GiB (injected)")
         return forward(*args)
 
     monkeypatch.setattr(decoder, "forward", out_of_memory_once)
-    got = tokens_by_key(budgeted.generate_images(PROMPTS, images_per_prompt=4, seed=5))
+    got = tokens_by_key(budgeted.generate_images(PROMPTS, ImageSampling(images_per_prompt=4, seed=5)))
     assert injected == [budget]
-    assert budgeted.kv.capacity == int(budget * 0.8)
+    assert budgeted.memory.kv.capacity == int(budget * 0.8)
     assert sizes == [12, 6, 6]  # the failed batch of 12, then 9 fit: two of 6
     assert got.keys() == want.keys()
     for key, tokens in want.items():
@@ -476,13 +470,13 @@ def test_out_of_memory_gives_back_kv_cache_and_retries_the_batch(engine, monkeyp
     # Out of memory whatever the cache: cut while it still holds one image, then the error is raised as it
     # is (a device failure for the Ray stage to retry, not a row error).
     def always_out_of_memory(*args):
-        injected.append(budgeted.kv.capacity)
+        injected.append(budgeted.memory.kv.capacity)
         raise torch.OutOfMemoryError("CUDA out of memory (injected)")
 
     monkeypatch.setattr(decoder, "forward", always_out_of_memory)
     injected.clear()
     with pytest.raises(torch.OutOfMemoryError):
-        budgeted.generate_images(PROMPTS, images_per_prompt=4)
+        budgeted.generate_images(PROMPTS, ImageSampling(images_per_prompt=4))
     one_image = 2 * decoder.round_up(longest + engine.num_gen_tokens)
     assert injected[-1] * 0.8 < one_image <= injected[-1]
     assert all(b == int(a * 0.8) for a, b in zip(injected, injected[1:], strict=False))
@@ -507,13 +501,13 @@ def test_kv_cache_plan_for_janus_pro_on_an_80_gb_gpu(monkeypatch, size, images, 
     monkeypatch.setattr(torch.cuda, "memory_allocated", lambda device: weights)
     monkeypatch.setattr(torch.cuda, "memory_reserved", lambda device: weights)
 
-    slots = engine.plan_kv_cache()
+    slots = engine.memory.plan()
     kv = slots * decoder.bytes_per_slot(engine.lm, torch.bfloat16)
-    workspace = engine.workspace_bytes(slots)
+    workspace = memory.workspace_bytes(model, torch.bfloat16, engine.vq_batch, slots)
     assert weights + kv + workspace <= 0.9 * total < weights + kv + workspace + 2**20
     assert 2**30 < workspace < 8 * 2**30
-    engine.kv_cache_tokens = slots
+    engine = JanusEngine(model, processor, kv_cache_tokens=slots)
     prompt = len(engine.encode(generation_prompt("A photo of a red fox sitting in the snow, golden hour.")))
-    assert engine.batch_limit(2, prompt + 576) == images
+    assert engine.memory.batch_limit(2, prompt + 576) == images
     question = understanding_prompt("Describe this image in detail.", engine.num_image_tokens, engine.system_prompt)
-    assert engine.batch_limit(1, len(engine.encode(question)) + 64) == captions
+    assert engine.memory.batch_limit(1, len(engine.encode(question)) + 64) == captions

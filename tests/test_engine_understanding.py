@@ -10,10 +10,9 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import JanusEngine, decoder, sampling
-from janus_batch.engine import engine as engine_module
-from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, understanding_prompt
+from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, JanusEngine, TextSampling, decoder, memory, sampling
 from janus_batch.engine.images import normalize
+from janus_batch.engine.prompts import understanding_prompt
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import gof_pvalue, pad_id, truncated, understanding_ids
 
@@ -63,7 +62,7 @@ def hf_generate(
 
 
 def engine_tokens(engine: JanusEngine, images, questions, max_new_tokens: int) -> list[list[int]]:
-    results = engine.understand(images, questions, max_new_tokens=max_new_tokens)
+    results = engine.understand(images, questions, TextSampling(max_new_tokens=max_new_tokens))
     tokens = []
     reference = hf_generate(engine, images, questions, max_new_tokens, engine.prompt_format)
     for question in questions:  # the prompt DeepSeek's code makes
@@ -86,7 +85,9 @@ def test_greedy_matches_transformers_generate_batched_and_alone(engine, max_new_
     batched = engine_tokens(engine, images, QUESTIONS, max_new_tokens)
     alone = [engine_tokens(engine, [im], [q], max_new_tokens)[0] for im, q in zip(images, QUESTIONS, strict=True)]
     assert batched == alone
-    reasons = {r.finish_reason for r in engine.understand(images, QUESTIONS, max_new_tokens=max_new_tokens)}
+    reasons = {
+        r.finish_reason for r in engine.understand(images, QUESTIONS, TextSampling(max_new_tokens=max_new_tokens))
+    }
     # 3 tokens cut every row short; with 24 some rows reach EOS (reasons are checked per row above).
     assert (reasons == {"length"}) if max_new_tokens == 3 else ("eos" in reasons)
 
@@ -105,7 +106,7 @@ def test_accepts_bytes_pil_and_preprocessed_arrays(engine):
     buf = io.BytesIO()
     image.save(buf, format="PNG")
     as_pil, as_bytes, as_array = engine.understand(
-        [image, buf.getvalue(), engine.prepare_image(image)], max_new_tokens=6
+        [image, buf.getvalue(), engine.prepare_image(image)], None, TextSampling(max_new_tokens=6)
     )
     assert as_pil == as_bytes == as_array
     size = engine.image_size
@@ -116,14 +117,17 @@ def test_accepts_bytes_pil_and_preprocessed_arrays(engine):
 
 def test_sampling_is_seeded_per_row(engine):
     images = sample_images()
-    kwargs = dict(greedy=False, temperature=1.0, max_new_tokens=12, row_ids=["a", "b", "c"])
-    first = engine.understand(images, QUESTIONS, seed=1, **kwargs)
-    again = engine.understand(images, QUESTIONS, seed=1, **kwargs)
+    sampled = dict(greedy=False, temperature=1.0, max_new_tokens=12)
+    row_ids = ["a", "b", "c"]
+    first = engine.understand(images, QUESTIONS, TextSampling(seed=1, **sampled), row_ids=row_ids)
+    again = engine.understand(images, QUESTIONS, TextSampling(seed=1, **sampled), row_ids=row_ids)
     assert first == again
     # Row "b" alone, in another batch, gives the same sample: the noise is keyed on (seed, row id, step).
-    alone = engine.understand(images[1:2], QUESTIONS[1:2], seed=1, **{**kwargs, "row_ids": ["b"]})
+    alone = engine.understand(images[1:2], QUESTIONS[1:2], TextSampling(seed=1, **sampled), row_ids=["b"])
     assert alone[0] == first[1]
-    others = [engine.understand(images, QUESTIONS, seed=s, **kwargs) for s in range(2, 6)]
+    others = [
+        engine.understand(images, QUESTIONS, TextSampling(seed=s, **sampled), row_ids=row_ids) for s in range(2, 6)
+    ]
     assert any(o != first for o in others)
 
 
@@ -132,7 +136,7 @@ def test_rejects_bad_arguments(engine):
     with pytest.raises(ValueError, match="questions"):
         engine.understand([image, image], ["only one"])
     with pytest.raises(ValueError, match="max_new_tokens"):
-        engine.understand([image], max_new_tokens=0)
+        engine.understand([image], None, TextSampling(max_new_tokens=0))
     with pytest.raises(ValueError, match="question too long"):
         engine.understand([image], ["word " * 3000])
     # A second image placeholder has no image to take: a clear error, not masked_scatter's RuntimeError.
@@ -167,7 +171,10 @@ def test_sampled_first_token_matches_the_exact_distribution(engine):
     pixels = np.stack([engine.prepare_image(image)] * N_SAMPLES)
     keys = [sampling.row_key(9, sampling.id32(i), 0) for i in range(N_SAMPLES)]
     ids = [engine.understanding_ids(question)] * N_SAMPLES
-    first = engine.generate_text_tokens(ids, pixels, keys, 1, temperature)[:, 0].numpy()
+    first = engine.generate_text_tokens(
+        ids, pixels, keys, TextSampling(max_new_tokens=1, greedy=False, temperature=temperature)
+    )
+    first = first[:, 0].numpy()
     assert gof_pvalue(first, torch.softmax(logits / temperature, -1).numpy()) > P_MIN
     for wrong in (temperature * 0.7, temperature * 1.4):
         assert gof_pvalue(first, torch.softmax(logits / wrong, -1).numpy()) < 1e-6
@@ -189,7 +196,7 @@ def test_the_sampler_truncates_text_logits_exactly(engine, top_k, top_p):
 
 def test_prefill_in_chunks_and_small_batches_change_nothing(engine, monkeypatch):
     images, questions = sample_images() * 2, QUESTIONS * 2
-    want = engine.understand(images, questions, max_new_tokens=10)
+    want = engine.understand(images, questions, TextSampling(max_new_tokens=10))
 
     # A KV cache that holds two rows, and one row per prefill forward (the vision tower's too).
     texts = [q or DEFAULT_CAPTION_INSTRUCTION for q in questions]
@@ -197,7 +204,7 @@ def test_prefill_in_chunks_and_small_batches_change_nothing(engine, monkeypatch)
         len(engine.encode(understanding_prompt(t, engine.num_image_tokens, engine.system_prompt))) for t in texts
     )
     small = JanusEngine(engine.model, engine.processor, kv_cache_tokens=2 * decoder.round_up(longest + 10))
-    monkeypatch.setattr(engine_module, "PREFILL_TOKENS", 1)
+    monkeypatch.setattr(memory, "PREFILL_TOKENS", 1)
     prefill_rows, forward = [], decoder.forward
 
     def recording(lm, embeds, *args):
@@ -206,6 +213,6 @@ def test_prefill_in_chunks_and_small_batches_change_nothing(engine, monkeypatch)
         return forward(lm, embeds, *args)
 
     monkeypatch.setattr(decoder, "forward", recording)
-    assert small.understand(images, questions, max_new_tokens=10) == want
+    assert small.understand(images, questions, TextSampling(max_new_tokens=10)) == want
     assert prefill_rows == [1] * 6
-    assert small.kv.cache(2).max_len >= longest + 10
+    assert small.memory.kv.cache(2).max_len >= longest + 10

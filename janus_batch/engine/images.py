@@ -17,7 +17,7 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from janus_batch.model.loading import DEFAULT_PREPROCESSING, Preprocessing
+from janus_batch.model import DEFAULT_PREPROCESSING, Preprocessing
 
 DEFAULT_MAX_PIXELS = 64_000_000  # ~8000 x 8000
 
@@ -64,6 +64,18 @@ def to_rgb(image: Image.Image, max_pixels: int = DEFAULT_MAX_PIXELS) -> Image.Im
     return image.convert("RGB")
 
 
+def prepare_image(image: Image.Image | bytes | np.ndarray, size: int, preprocessing: Preprocessing) -> np.ndarray:
+    """Encoded bytes, a PIL image or an already preprocessed array -> uint8 [size, size, 3] (`preprocess_image`)."""
+    if isinstance(image, np.ndarray):
+        if image.shape != (size, size, 3) or image.dtype != np.uint8:
+            raise ValueError(
+                f"a preprocessed image must be uint8 of shape {(size, size, 3)}, got {image.dtype} {image.shape}"
+            )
+        return image
+    pil = to_rgb(image) if isinstance(image, Image.Image) else decode_image(image)
+    return preprocess_image(pil, size, preprocessing)
+
+
 def preprocess_image(image: Image.Image, size: int, preprocessing: Preprocessing = DEFAULT_PREPROCESSING) -> np.ndarray:
     """DeepSeek's understanding preprocessing up to the scaling: long side to `size` (bicubic), the other side at
     least `min_size`, pad to a square with the background colour. Returns uint8 [size, size, 3], a quarter of the
@@ -98,6 +110,18 @@ def normalize(pixels: torch.Tensor, table: torch.Tensor | None = None) -> torch.
     if table is None:
         table = torch.from_numpy(value_table(DEFAULT_PREPROCESSING)).to(pixels.device)
     return table[torch.arange(3, device=pixels.device), pixels.long()].permute(0, 3, 1, 2)
+
+
+def vq_decode(vqmodel, image_tokens: torch.Tensor, vq_batch: int, device: torch.device) -> np.ndarray:
+    """VQ-decode [n, tokens] image tokens to uint8 images [n, H, W, 3].
+
+    Always in chunks of exactly `vq_batch` images (the last one padded): convolution results vary with the batch
+    shape in the last bits, so a fixed shape keeps every image independent of its batch."""
+    n = len(image_tokens)
+    padded = torch.zeros((-(-n // vq_batch) * vq_batch, image_tokens.shape[1]), dtype=torch.long)
+    padded[:n] = image_tokens
+    chunks = [pixels_to_uint8(vqmodel.decode(padded[i : i + vq_batch].to(device))) for i in range(0, n, vq_batch)]
+    return np.concatenate(chunks)[:n]
 
 
 def pixels_to_uint8(decoded: torch.Tensor) -> np.ndarray:
