@@ -3,7 +3,6 @@ errors for bad bytes."""
 
 from __future__ import annotations
 
-import io
 import json
 import struct
 import zlib
@@ -15,17 +14,12 @@ from PIL import Image
 
 from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
 from janus_batch.engine.images import normalize, to_rgb, value_table
-from janus_batch.model.loading import Preprocessing, load_janus
+from janus_batch.model import Preprocessing, load_janus
 from janus_batch.model.tiny import build_tiny_model
+from tests.helpers import encoded
 from tests.reference import reference_pixels
 
 GRAY = (127, 127, 127)  # int(0.5 * 255): the published checkpoints' background colour
-
-
-def encode(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buf = io.BytesIO()
-    image.save(buf, format=fmt)
-    return buf.getvalue()
 
 
 def test_preprocess_resizes_long_side_and_pads_with_gray():
@@ -161,7 +155,7 @@ def test_truncated_images():
     rng = np.random.default_rng(1)
     image = Image.fromarray(rng.integers(0, 256, (64, 64, 3), dtype=np.uint8))
     for fmt in ("PNG", "JPEG"):
-        data = encode(image, fmt)
+        data = encoded(image, fmt)
         with pytest.raises(ImageInputError, match="corrupt or truncated"):
             decode_image(data[: len(data) // 2])
 
@@ -182,7 +176,7 @@ def test_huge_and_zero_size_images():
     with pytest.raises(ImageInputError, match="decompression bomb"):
         decode_image(png_header_only(9_000, 9_000))  # 81 M: over our limit, under PIL's
     with pytest.raises(ImageInputError, match="exceeds the limit of 100"):
-        decode_image(encode(Image.new("RGB", (20, 20))), max_pixels=100)
+        decode_image(encoded(Image.new("RGB", (20, 20))), max_pixels=100)
     with pytest.raises(ImageInputError, match="zero-size"):
         to_rgb(Image.new("RGB", (0, 5)))
 
@@ -204,7 +198,7 @@ def test_huge_and_zero_size_images():
 )
 def test_modes_are_converted_to_rgb(image, expected):
     fmt = "TIFF" if image.mode in ("CMYK", "F") else "PNG"
-    for candidate in (image, decode_image(encode(image, fmt))):
+    for candidate in (image, decode_image(encoded(image, fmt))):
         rgb = to_rgb(candidate)
         assert rgb.mode == "RGB"
         assert rgb.getpixel((1, 1)) == expected

@@ -38,11 +38,15 @@ from janus_batch.model import (
     PickleWeightsError,
     S3AccessError,
     WrongModelTypeError,
+    check_weights,
+    checkpoint,
     convert,
     load_janus,
-    loading,
+    prompt_format_of,
+    sources,
 )
-from janus_batch.model.tiny import BOS, EOS, IMAGE, PAD, build_tiny_model, write_tiny_model
+from janus_batch.model.tiny import build_tiny_model, write_tiny_model
+from janus_batch.model.tokens import BOS, EOS, IMAGE, PAD
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Facts about the published checkpoints (tests/data/checkpoints/README.md): configs and processor files as
@@ -122,8 +126,8 @@ def test_unknown_dtype_is_refused(tiny_model_dir):
 
 def test_weights_hash_follows_the_weights(tiny_model_dir, tmp_path):
     other = write_tiny_model(tmp_path / "seed1", image_size=64, seed=1)  # same layout, other values
-    files = loading.weight_files(other, allow_pickle=False)
-    assert loading.weights_hash(files, other) != load_janus(str(tiny_model_dir), device="cpu").weights_hash
+    files = checkpoint.weight_files(other, allow_pickle=False)
+    assert checkpoint.weights_hash(files, other) != load_janus(str(tiny_model_dir), device="cpu").weights_hash
 
 
 @pytest.mark.compat
@@ -278,14 +282,14 @@ def counted_downloads(monkeypatch, tmp_path) -> list[int]:
     that concurrent loaders really overlap."""
     monkeypatch.setenv("JANUS_BATCH_CACHE", str(tmp_path / "node-cache"))
     calls: list[int] = []
-    download = loading._download
+    download = sources._download
 
     def counting(fs, files, uri):
         calls.append(len(files))
         time.sleep(0.3)
         download(fs, files, uri)
 
-    monkeypatch.setattr(loading, "_download", counting)
+    monkeypatch.setattr(sources, "_download", counting)
     return calls
 
 
@@ -305,7 +309,7 @@ def test_s3_concurrent_loaders_download_once(s3_server, tiny_model_dir, tiny64, 
     mirror = first.local_dir
     assert mirror.parent == tmp_path / "node-cache" / "s3" / uri.removeprefix("s3://").rsplit("/", 1)[0]
     assert mirror.name.startswith("tiny-janus-")
-    assert (mirror / loading.S3_MARKER).is_file()
+    assert (mirror / sources.S3_MARKER).is_file()
     assert not list(mirror.parent.glob("*.tmp-*"))  # the temporary download directory was renamed
     assert first.model_id == uri
     assert first.weights_hash == second.weights_hash == load_janus(str(tiny_model_dir), device="cpu").weights_hash
@@ -824,8 +828,8 @@ def test_a_pickle_only_hub_repo_fails_before_any_download(tmp_path, monkeypatch)
         ],
         "deepseek-ai/Janus-Pro-1B": ["config.json", "pytorch_model.bin", "tokenizer.json"],
     }
-    monkeypatch.setattr(loading, "hub_files", lambda repo_id, revision: listings[repo_id])
-    monkeypatch.setattr(loading, "snapshot_download", lambda *args, **kwargs: pytest.fail("downloaded"))
+    monkeypatch.setattr(sources, "hub_files", lambda repo_id, revision: listings[repo_id])
+    monkeypatch.setattr(sources, "snapshot_download", lambda *args, **kwargs: pytest.fail("downloaded"))
     for repo_id in listings:
         with pytest.raises(PickleWeightsError, match=f"{repo_id} has only pickle weights.*deepseek-community"):
             load_janus(repo_id, device="cpu")
@@ -888,7 +892,7 @@ def test_the_readme_models_table_loads_every_published_checkpoint(monkeypatch, c
         pickle = "pickle" in weights
         assert spec["model"]["source"] == name and spec["model"]["allow_pickle"] is pickle
         assert needs_pickle.strip() == ("yes" if pickle else "no")
-        assert loading.prompt_format_of(name)[0] == ("janus-1.3b" if name.endswith("1.3B") else "janus-pro")
+        assert prompt_format_of(name)[0] == ("janus-1.3b" if name.endswith("1.3B") else "janus-pro")
 
 
 def test_check_weights_fails_as_loading_would_from_the_file_list(
@@ -902,11 +906,11 @@ def test_check_weights_fails_as_loading_would_from_the_file_list(
     upload(s3_server, pickled, uri)
     for source, options in [(str(pickled), None), (uri, s3_server.storage_options)]:
         with pytest.raises(PickleWeightsError, match=f"{source} has only pickle weights"):
-            loading.check_weights(source, storage_options=options)
-        loading.check_weights(source, allow_pickle=True, storage_options=options)
+            check_weights(source, storage_options=options)
+        check_weights(source, allow_pickle=True, storage_options=options)
     assert counted_downloads == []
-    loading.check_weights(str(tiny_model_dir))
+    check_weights(str(tiny_model_dir))
     with pytest.raises(ModelNotFoundError, match="no weights"):
-        loading.check_weights(str(copy_checkpoint(tiny_model_dir, tmp_path / "empty", weights=False)))
+        check_weights(str(copy_checkpoint(tiny_model_dir, tmp_path / "empty", weights=False)))
     with pytest.raises(ValueError, match="revision"):
-        loading.check_weights(str(tiny_model_dir), revision="main")
+        check_weights(str(tiny_model_dir), revision="main")

@@ -51,8 +51,7 @@ from janus_batch.io.storage import (
 )
 from janus_batch.io.writers import RunWriter
 from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
-from janus_batch.model import check_weights
-from janus_batch.model.loading import prompt_format_of
+from janus_batch.model import check_weights, prompt_format_of
 
 BUILTIN_PROMPTS = [
     "A photo of a red fox sitting in the snow, golden hour.",

@@ -41,10 +41,8 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-from janus_batch.model.loading import (
+from janus_batch.model.checkpoint import (
     ORIGINAL_MODEL_TYPE,
-    ModelLoadError,
-    ModelNotFoundError,
     build_image_processor,
     check_loading_info,
     prompt_format_of,
@@ -52,10 +50,10 @@ from janus_batch.model.loading import (
     read_preprocessing,
     read_state_dict,
     resolve_dtype,
-    resolve_source,
     weight_files,
 )
-from janus_batch.model.tiny import BOI, BOS, EOI, EOS, IMAGE, PAD
+from janus_batch.model.sources import ModelLoadError, ModelNotFoundError, resolve_source
+from janus_batch.model.tokens import BOI, BOS, EOI, EOS, IMAGE, PAD, SPECIAL_TOKENS
 
 # (DeepSeek prefix, transformers prefix); "#" is a layer number, copied across. The first match wins, so
 # specific rules precede the general ones they overlap.
@@ -287,7 +285,7 @@ def original_tokenizer(local_dir: Path) -> PreTrainedTokenizerFast:
         padding_side="left",
         extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
     )
-    missing = [t for t in (BOS, EOS, PAD, IMAGE, BOI, EOI) if t not in tokenizer.get_vocab()]
+    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
     if missing:
         raise ModelLoadError(f"{tokenizer_file} lacks Janus' special tokens {missing}")
     return tokenizer

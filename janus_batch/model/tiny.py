@@ -8,7 +8,6 @@ Same arguments => byte-identical files. Two geometries: 64x64 images (16 image t
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 from pathlib import Path
 
@@ -25,14 +24,11 @@ from transformers import (
     PreTrainedTokenizerFast,
 )
 
-BOS = "<｜begin▁of▁sentence｜>"
-EOS = "<｜end▁of▁sentence｜>"
-PAD = "<｜▁pad▁｜>"
-IMAGE = "<image_placeholder>"
-BOI = "<begin_of_image>"
-EOI = "<end_of_image>"
+from janus_batch.model.sources import cache_root
+from janus_batch.model.tokens import BOI, BOS, EOI, EOS, IMAGE, PAD, SPECIAL_TOKENS
+
 # Janus' tokenizer has the chat roles as single tokens too.
-SPECIAL_TOKENS = [BOS, EOS, PAD, IMAGE, BOI, EOI, "<|User|>", "<|Assistant|>"]
+TOKENIZER_SPECIAL_TOKENS = [*SPECIAL_TOKENS, "<|User|>", "<|Assistant|>"]
 
 _CORPUS = [
     "A photo of a red fox sitting in the snow, highly detailed, golden hour.",
@@ -54,7 +50,7 @@ def build_tokenizer(vocab_size: int = 400) -> PreTrainedTokenizerFast:
     tok.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(
         vocab_size=vocab_size,
-        special_tokens=SPECIAL_TOKENS,
+        special_tokens=TOKENIZER_SPECIAL_TOKENS,
         initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
         show_progress=False,
     )
@@ -154,11 +150,6 @@ def write_tiny_model(out_dir: str | Path, image_size: int = 64, seed: int = 0) -
     model.save_pretrained(out)
     processor.save_pretrained(out)
     return out
-
-
-def cache_root() -> Path:
-    """janus-batch's node-local cache: $JANUS_BATCH_CACHE, else ~/.cache/janus_batch."""
-    return Path(os.environ.get("JANUS_BATCH_CACHE", Path.home() / ".cache" / "janus_batch"))
 
 
 def ensure_tiny_model(image_size: int = 64, seed: int = 0) -> Path:
