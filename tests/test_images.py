@@ -12,7 +12,7 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
+from janus_batch.engine import ImageInputError, JanusEngine, TextSampling, decode_image, preprocess_image
 from janus_batch.engine.images import normalize, to_rgb, value_table
 from janus_batch.model import Preprocessing, load_janus
 from janus_batch.model.tiny import build_tiny_model
@@ -114,7 +114,7 @@ def test_the_engine_preprocesses_as_the_checkpoint_says(tiny_model_dir, tmp_path
     seen = []
     engine.model.model.vision_model.register_forward_pre_hook(lambda module, args: seen.append(args[0]))
     image = Image.fromarray(np.random.default_rng(1).integers(0, 256, (20, 64, 3), dtype=np.uint8))
-    engine.understand([image], max_new_tokens=1)
+    engine.understand([image], sampling=TextSampling(max_new_tokens=1))
     np.testing.assert_array_equal(seen[0][0].numpy(), reference_pixels(image, 64, settings))
 
     # Without the settings: the published checkpoints' values (not transformers' CLIP defaults).
