@@ -16,7 +16,7 @@ from pathlib import Path
 
 from PIL import Image
 
-from janus_batch.engine import JanusEngine
+from janus_batch.engine import ImageSampling, JanusEngine, TextSampling
 from janus_batch.model.tiny import ensure_tiny_model
 
 DEMO_PROMPTS = [
@@ -47,10 +47,12 @@ def main(argv: list[str] | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
 
     start = time.perf_counter()
-    images = engine.generate_images(DEMO_PROMPTS, images_per_prompt=args.images_per_prompt, seed=args.seed)
+    images = engine.generate_images(
+        DEMO_PROMPTS, ImageSampling(images_per_prompt=args.images_per_prompt, seed=args.seed)
+    )
     print(f"synthesized {len(images)} images in {time.perf_counter() - start:.1f} s")
     start = time.perf_counter()
-    captions = engine.understand([Image.fromarray(im.pixels) for im in images], max_new_tokens=32)
+    captions = engine.understand([Image.fromarray(im.pixels) for im in images], None, TextSampling(max_new_tokens=32))
     print(f"captioned {len(captions)} images in {time.perf_counter() - start:.1f} s")
 
     with open(out / "captions.jsonl", "w") as f:
