@@ -5,16 +5,19 @@
     serve run janus_batch/serve_config.yaml                           # or `serve deploy` it to a running cluster
 
 Routes (JSON in, JSON out; images travel as base64 strings of encoded PNG/JPEG/WebP bytes):
-    POST /v1/caption   {"images": [b64, ...], "instruction"?, "max_new_tokens"?, "greedy"?, "temperature"?, "seed"?}
+    POST /v1/caption   {"images": [b64, ...], "instruction"?, "max_new_tokens"?, "greedy"?, "temperature"?, "seed"?,
+                        "ignore_eos"?}
     POST /v1/vqa       {"images": [b64, ...], "questions": [str, ...], ...same options}
-    POST /v1/generate  {"prompts": [str, ...], "images_per_prompt"?, "cfg_weight"?, "temperature"?, "top_k"?,
-                        "top_p"?, "seed"?, "greedy"?, "output_uri"?}  -> base64 PNGs, or URIs under output_uri
+    POST /v1/generate  {"prompts": [str, ...], "images_per_prompt"? (default 1), "cfg_weight"?, "temperature"?,
+                        "top_k"?, "top_p"?, "seed"?, "greedy"?, "output_uri"?}  -> base64 PNGs, or URIs under it
     GET  /healthz, /v1/models, /v1/stats
 
 One replica holds one model (on one GPU when num_gpus > 0). Concurrent requests are queued by `serve.batch` and
 run as one engine call (one for understanding, one for generation); requests whose sampling options differ are
-split into separate engine calls within a batch, since the engine takes one set of options per call. Everything a
-request can get wrong is checked before it joins a batch, so a bad request never fails its neighbours.
+split into separate engine calls within a batch, since the engine takes one set of options per call. The options
+are the engine's own (janus_batch/engine/options.py: ImageSampling, TextSampling), their fields flat in the body,
+with Serve's caps on top (ServeArgs; a max_new_tokens not given is the default capped at the server's). Everything
+a request can get wrong is checked before it joins a batch, so a bad request never fails its neighbours.
 
 Exposing it:
 - Auth: with a token configured (`auth_token_env`, `auth_token_file` or `auth_token`), every route but /healthz,
@@ -58,8 +61,16 @@ from pydantic import BaseModel, ConfigDict, Field, Secret, SecretStr, Validation
 from ray import serve
 from ray.serve import Application
 
-from janus_batch.engine import GeneratedImage, ImageInputError, JanusEngine, decode_image
-from janus_batch.engine.engine import DEFAULT_CAPTION_INSTRUCTION, memory_share
+from janus_batch.engine import (
+    DEFAULT_CAPTION_INSTRUCTION,
+    GeneratedImage,
+    ImageInputError,
+    ImageSampling,
+    JanusEngine,
+    TextSampling,
+    decode_image,
+    memory_share,
+)
 from janus_batch.model.tiny import ensure_tiny_model
 
 MAX_TEXT_CHARS = 8192  # any prompt, question or instruction; the token limit is checked against the model
@@ -72,7 +83,6 @@ MAX_OUTPUT_PATH_BYTES = 960
 MAX_SEGMENT_BYTES = 255
 MIN_TOKEN_CHARS = 16
 OPEN_PATHS = ("/healthz",)  # no token needed: load balancers and Kubernetes probes call it
-DEFAULT_NEW_TOKENS = 128  # for understanding requests that do not say, capped by the server's max_new_tokens
 
 
 class ServeArgs(BaseModel):
@@ -163,19 +173,23 @@ class StrictBody(BaseModel):
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
 
 
-class UnderstandOptions(StrictBody):
+# The requests inherit the engine's options, so the body stays flat ({"prompts": [...], "seed": 1}) and each
+# default and bound is the one in options.py; `sampling` gives them back as the options object.
+
+
+class UnderstandRequest(StrictBody, TextSampling):
     images: list[str] = Field(min_length=1, description="base64-encoded image files")
-    max_new_tokens: int | None = Field(None, ge=1, description=f"default: {DEFAULT_NEW_TOKENS} or the server's limit")
-    greedy: bool = True
-    temperature: float = Field(1.0, ge=0)
-    seed: int = 0
+
+    @property
+    def sampling(self) -> TextSampling:
+        return TextSampling(**self.model_dump(include=set(TextSampling.model_fields)))
 
 
-class CaptionRequest(UnderstandOptions):
+class CaptionRequest(UnderstandRequest):
     instruction: Text = Field(DEFAULT_CAPTION_INSTRUCTION, min_length=1)
 
 
-class VQARequest(UnderstandOptions):
+class VQARequest(UnderstandRequest):
     questions: list[Text] = Field(min_length=1, description="one question per image")
 
     @model_validator(mode="after")
@@ -188,16 +202,15 @@ class VQARequest(UnderstandOptions):
         return self
 
 
-class GenerateRequest(StrictBody):
+class GenerateRequest(StrictBody, ImageSampling):
     prompts: list[Text] = Field(min_length=1)
-    images_per_prompt: int = Field(1, ge=1)
-    cfg_weight: float = 5.0
-    temperature: float = Field(1.0, ge=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int = 0
-    greedy: bool = False
+    # Serve's own default, with the options' bounds: one image per prompt (a caller waits for all of them).
+    images_per_prompt: Annotated[int, ImageSampling.model_fields["images_per_prompt"]] = 1
     output_uri: str | None = Field(None, description="write PNGs under this prefix (s3:// or a path)")
+
+    @property
+    def sampling(self) -> ImageSampling:
+        return ImageSampling(**self.model_dump(include=set(ImageSampling.model_fields)))
 
 
 class TextOut(BaseModel):
@@ -244,8 +257,8 @@ def parse_body(model: type[BaseModel], body: bytes | bytearray) -> Any:
 @dataclass
 class UnderstandJob:
     pixels: list[np.ndarray]  # preprocessed images
-    questions: list[str | None]  # None: caption with `options[0]` (the instruction)
-    options: tuple  # engine options; only jobs with equal options share an engine call
+    questions: list[str]  # a caption's instruction, or a VQA question, per image
+    options: TextSampling  # only jobs with equal options share an engine call
 
     @property
     def outputs(self) -> int:
@@ -255,11 +268,11 @@ class UnderstandJob:
 @dataclass
 class GenerateJob:
     prompts: list[str]
-    options: tuple  # options[0] is images_per_prompt
+    options: ImageSampling
 
     @property
     def outputs(self) -> int:
-        return len(self.prompts) * self.options[0]
+        return len(self.prompts) * self.options.images_per_prompt
 
 
 @dataclass
@@ -270,11 +283,12 @@ class Batched:
 
 
 async def run_by_options(
-    jobs: list[UnderstandJob] | list[GenerateJob], call: Callable[[tuple, list], Awaitable[list]]
+    jobs: list[UnderstandJob] | list[GenerateJob], call: Callable[[Any, list], Awaitable[list]]
 ) -> list[Batched]:
     """One engine call, `call(options, group)`, per set of options among `jobs` (the engine takes one set per
-    call); each job gets its share of the outputs. A call that fails fails its own group's jobs only."""
-    groups: dict[tuple, list[int]] = {}
+    call; equal options are equal and hash alike, being frozen); each job gets its share of the outputs. A call
+    that fails fails its own group's jobs only."""
+    groups: dict[ImageSampling | TextSampling, list[int]] = {}
     for i, job in enumerate(jobs):
         groups.setdefault(job.options, []).append(i)
     results: list[Batched | None] = [None] * len(jobs)
@@ -479,18 +493,13 @@ class JanusServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)  # both reset from ServeArgs in __init__
     async def understand_batch(self, jobs: list[UnderstandJob]) -> list[Batched]:
-        async def call(options: tuple, group: list[UnderstandJob]) -> list:
-            instruction, max_new_tokens, greedy, temperature, seed = options
+        async def call(options: TextSampling, group: list[UnderstandJob]) -> list:
             return await self.run_engine(
                 "understand",
                 self.engine.understand,
                 [p for job in group for p in job.pixels],
                 [q for job in group for q in job.questions],
-                instruction=instruction,
-                max_new_tokens=max_new_tokens,
-                greedy=greedy,
-                temperature=temperature,
-                seed=seed,
+                options,
                 # Keyed on the row's index in its own request, so sampled text does not depend on the batch.
                 row_ids=[i for job in group for i in range(len(job.pixels))],
             )
@@ -500,20 +509,10 @@ class JanusServer:
 
     @serve.batch(max_batch_size=16, batch_wait_timeout_s=0.05)
     async def generate_batch(self, jobs: list[GenerateJob]) -> list[Batched]:
-        async def call(options: tuple, group: list[GenerateJob]) -> list:
-            images_per_prompt, cfg_weight, temperature, top_k, top_p, seed, greedy = options
+        async def call(options: ImageSampling, group: list[GenerateJob]) -> list:
             # Prompt ids default to the prompt text: an image depends on (prompt, seed, index), never the batch.
             return await self.run_engine(
-                "generate",
-                self.engine.generate_images,
-                [p for job in group for p in job.prompts],
-                images_per_prompt=images_per_prompt,
-                cfg_weight=cfg_weight,
-                temperature=temperature,
-                top_k=top_k,
-                top_p=top_p,
-                seed=seed,
-                greedy=greedy,
+                "generate", self.engine.generate_images, [p for job in group for p in job.prompts], options
             )
 
         self.stats["generate_requests"] += len(jobs)
@@ -579,28 +578,28 @@ class JanusServer:
         if (error := self.engine.check_question(text, max_new_tokens)) is not None:
             raise HTTPException(422, f"{field}: {error}")
 
-    def new_tokens(self, request: UnderstandOptions) -> int:
-        if request.max_new_tokens is None:
-            return min(DEFAULT_NEW_TOKENS, self.args.max_new_tokens)
-        self.check_limit("max_new_tokens", request.max_new_tokens, self.args.max_new_tokens)
-        return request.max_new_tokens
+    def text_sampling(self, request: UnderstandRequest) -> TextSampling:
+        """The request's options; a max_new_tokens it does not give is the default, capped at this server's."""
+        options = request.sampling
+        if "max_new_tokens" not in request.model_fields_set:
+            return options.model_copy(update={"max_new_tokens": min(options.max_new_tokens, self.args.max_new_tokens)})
+        self.check_limit("max_new_tokens", options.max_new_tokens, self.args.max_new_tokens)
+        return options
 
     def understanding_job(self, body: type[CaptionRequest] | type[VQARequest], data: bytearray) -> UnderstandJob:
         """Parse and check a caption or VQA request and decode its images (CPU work, run in a thread). The job
         holds the preprocessed images only (0.44 MB each at 384 px): the base64 never waits in the batch queue."""
         request = parse_body(body, data)
-        max_new_tokens = self.new_tokens(request)
+        options = self.text_sampling(request)
         if isinstance(request, VQARequest):
-            questions, instruction = list(request.questions), DEFAULT_CAPTION_INSTRUCTION
+            questions = list(request.questions)
             for i, question in enumerate(questions):
-                self.check_question(f"questions[{i}]", question, max_new_tokens)
+                self.check_question(f"questions[{i}]", question, options.max_new_tokens)
         else:
-            questions, instruction = [None] * len(request.images), request.instruction
-            self.check_question("instruction", instruction, max_new_tokens)
-        pixels = self.load_images(request.images)
-        return UnderstandJob(
-            pixels, questions, (instruction, max_new_tokens, request.greedy, request.temperature, request.seed)
-        )
+            # A caption asks its instruction of every image, so captions and questions can share an engine call.
+            questions = [request.instruction] * len(request.images)
+            self.check_question("instruction", request.instruction, options.max_new_tokens)
+        return UnderstandJob(self.load_images(request.images), questions, options)
 
     def generate_request(self, data: bytearray) -> GenerateRequest:
         """Parse and check a generation request (run in a thread)."""
@@ -652,16 +651,7 @@ class JanusServer:
         folder = None
         if request.output_uri is not None:
             folder = await asyncio.to_thread(self.output_folder, request.output_uri)
-        options = (
-            request.images_per_prompt,
-            request.cfg_weight,
-            request.temperature,
-            request.top_k,
-            request.top_p,
-            request.seed,
-            request.greedy,
-        )
-        done: Batched = await self.generate_batch(GenerateJob(request.prompts, options))
+        done: Batched = await self.generate_batch(GenerateJob(request.prompts, request.sampling))
         if done.error is not None:
             raise done.error
         images = await asyncio.to_thread(self.deliver_images, done.outputs, request.images_per_prompt, folder)

@@ -27,6 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
+from janus_batch.engine.options import ImageSampling
 from janus_batch.serve import GenerateJob, ServeArgs, build_app, read_auth_token, run_by_options
 
 BATCH = 4  # max_batch_size of the test deployment
@@ -504,14 +505,14 @@ def test_an_engine_call_that_fails_fails_only_its_own_requests():
     results, each job its own share of its call's outputs."""
     seen = []
 
-    async def call(options: tuple, group: list[GenerateJob]) -> list:
-        seen.append(options[5])
-        if options[5] == 4:
+    async def call(options: ImageSampling, group: list[GenerateJob]) -> list:
+        seen.append(options.seed)
+        if options.seed == 4:
             raise RuntimeError("CUDA error: an illegal memory access was encountered")
-        return [(prompt, i) for job in group for prompt in job.prompts for i in range(options[0])]
+        return [(prompt, i) for job in group for prompt in job.prompts for i in range(options.images_per_prompt)]
 
     def job(prompts: list[str], seed: int) -> GenerateJob:
-        return GenerateJob(prompts, (2, 5.0, 1.0, None, None, seed, False))
+        return GenerateJob(prompts, ImageSampling(images_per_prompt=2, seed=seed))
 
     jobs = [job(["fox"], 3), job(["cat"], 4), job(["dog", "owl"], 3)]
     fox, cat, dog_owl = asyncio.run(run_by_options(jobs, call))
