@@ -13,8 +13,8 @@ DEFAULT_CAPTION_INSTRUCTION = "Describe this image in detail."
 
 
 class Options(BaseModel):
-    # Errors name the field and the rule, not the value given, as the job specs' do.
-    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True)
+    # Errors name the field and the rule, not the value given, as the job specs' do; NaN and infinity are refused.
+    model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False)
 
 
 class ImageSampling(Options):
