@@ -13,7 +13,7 @@ import io
 import os
 import subprocess
 import sys
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from datetime import datetime, timezone
 
@@ -21,7 +21,14 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from janus_batch.engine import ImageInputError, JanusEngine, decode_image, preprocess_image
+from janus_batch.engine import (
+    ImageInputError,
+    ImageSampling,
+    JanusEngine,
+    TextSampling,
+    decode_image,
+    preprocess_image,
+)
 from janus_batch.io.readers import id_key, row_key
 from janus_batch.io.schemas import ERROR
 from janus_batch.io.storage import StorageConfig, StoreUnavailable, read_bytes
@@ -77,11 +84,38 @@ def short(value: object, limit: int = 80) -> str:
 
 
 def is_device_failure(e: BaseException) -> bool:
-    """Out of GPU memory or a CUDA error: the device's problem, not the row's. Such errors are raised, so
-    Ray retries the task (and restarts the actor) instead of committing every row as an error."""
+    """Out of device memory, or an error of the device's runtime: the device's problem, not the row's. Known by
+    type, as torch raises them (>= 2.8): torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class),
+    and torch.AcceleratorError, which every failed CUDA runtime call raises (C10_CUDA_CHECK; HIP and XPU too).
+    Never by message: a row's own error may quote any text. A CUDA library's failed status (cuBLAS, cuDNN) is a
+    plain RuntimeError that torch gives no type to tell apart, so it counts as the row's, like any other."""
     import torch
 
-    return isinstance(e, torch.cuda.OutOfMemoryError) or "CUDA" in str(e)
+    return isinstance(e, (torch.OutOfMemoryError, torch.AcceleratorError))
+
+
+def results_per_row(call: Callable[[list], list], rows: list) -> tuple[list, list[str | None]]:
+    """(results, errors) of `call(rows)`, one result per row. When the batch fails, each row is tried alone: a
+    failure that only some rows cause is pinned on them (result None, error set) and the others still get their
+    results. A device failure of a row is raised, so that Ray retries the task (restarting the actor) instead of
+    committing the rows as errors (is_device_failure)."""
+    if not rows:
+        return [], []
+    try:
+        return call(rows), [None] * len(rows)
+    except Exception:  # something in the batch breaks the engine (or the device did once): find which rows
+        pass
+    results, errors = [], []
+    for row in rows:
+        try:
+            results.append(call([row])[0])
+            errors.append(None)
+        except Exception as e:
+            if is_device_failure(e):
+                raise
+            results.append(None)
+            errors.append(describe(e))
+    return results, errors
 
 
 class StorageUnavailable(StoreUnavailable):
@@ -173,6 +207,22 @@ class CallWatchdog:
         self.process.stdin.flush()
 
 
+class ModelStage:
+    """A model actor of the pipeline: one engine, loaded once per actor; each call bounded by call_timeout_s."""
+
+    def __init__(self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, call_timeout_s: float):
+        self.engine = load_engine(model, gpus, storage, batching)
+        self.watchdog = CallWatchdog(call_timeout_s)
+
+    def __call__(self, batch: pa.Table) -> pa.Table:
+        with self.watchdog.bound():
+            return self.process(batch)
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        """One model call: the block's rows in, its output rows out (each stage's own work)."""
+        raise NotImplementedError
+
+
 # ---- synthesize ------------------------------------------------------------------------------------------
 
 QUALITY = {"jpeg": {"quality": 95}, "webp": {"quality": 95}}  # PIL's default 75 shows artifacts
@@ -220,38 +270,23 @@ def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | Non
     )
 
 
-class Synthesizer:
+class Synthesizer(ModelStage):
     """Model stage: (row_hash, prompt_id, prompt, error) -> one row per image, or one error row per prompt."""
 
-    def __init__(
-        self, *, model: dict, gpus: float, storage: StorageConfig, batching: dict, call_timeout_s: float, params: dict
-    ):
-        self.engine = load_engine(model, gpus, storage, batching)
-        self.watchdog = CallWatchdog(call_timeout_s)
-        self.params = params
+    def __init__(self, *, sampling: ImageSampling, **engine_args):
+        super().__init__(**engine_args)
+        self.sampling = sampling
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.watchdog.bound():
-            return self.synthesize(batch)
-
-    def synthesize(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
             if row[ERROR] is None:
                 row[ERROR] = self.engine.check_prompt(row["prompt"])
         good = [row for row in rows if row[ERROR] is None]
-        images = {}
-        try:
-            images = self.generate(good)
-        except Exception:
-            # Something in the batch breaks the engine: find which rows, one at a time.
-            for row in good:
-                try:
-                    images.update(self.generate([row]))
-                except Exception as e:
-                    if is_device_failure(e):
-                        raise
-                    row[ERROR] = describe(e)
+        images, errors = results_per_row(self.generate, good)
+        for row, error in zip(good, errors, strict=True):
+            row[ERROR] = error
+        images_of = {row["row_hash"]: row_images for row, row_images in zip(good, images, strict=True)}
 
         out = []
         model = dict(model_id=self.engine.model_id, weights_hash=self.engine.weights_hash)
@@ -260,20 +295,18 @@ class Synthesizer:
             if row[ERROR] is not None:
                 out.append(dict(base, sample_index=None, pixels=None, width=None, height=None, error=row[ERROR]))
                 continue
-            for image in images[row["row_hash"]]:
+            for image in images_of[row["row_hash"]]:
                 height, width, _ = image.pixels.shape
                 pixels = image.pixels.tobytes()
                 out.append(dict(base, sample_index=image.sample_index, pixels=pixels, width=width, height=height))
         return pa.Table.from_pylist(out, schema=GENERATED)
 
-    def generate(self, rows: list[dict]) -> dict:
-        if not rows:
-            return {}
-        n = self.params["images_per_prompt"]
-        images = self.engine.generate_images(
-            [r["prompt"] for r in rows], prompt_ids=[r["prompt_id"] for r in rows], **self.params
-        )
-        return {row["row_hash"]: images[i * n : (i + 1) * n] for i, row in enumerate(rows)}
+    def generate(self, rows: list[dict]) -> list[list]:
+        """The images of each row's prompt."""
+        n = self.sampling.images_per_prompt
+        prompt_ids = [r["prompt_id"] for r in rows]
+        images = self.engine.generate_images([r["prompt"] for r in rows], self.sampling, prompt_ids=prompt_ids)
+        return [images[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
 def encode_images(
@@ -281,13 +314,12 @@ def encode_images(
     *,
     image_format: str,
     run_id: str,
-    seed: int,
-    cfg_weight: float,
-    temperature: float,
+    sampling: ImageSampling,
     schema: pa.Schema,
     progress=None,
 ) -> pa.Table:
-    """Model output -> output rows: raw pixels encoded as PNG/JPEG/WebP, keys and run metadata."""
+    """Model output -> output rows: raw pixels encoded as PNG/JPEG/WebP, keys, the sampling options and run
+    metadata."""
     ext = IMAGE_EXTENSIONS[image_format]
     keys, images = [], []
     for row_hash, sample, pixels, width, height in zip(
@@ -303,15 +335,15 @@ def encode_images(
         Image.fromarray(array).save(buffer, format=image_format.upper(), **QUALITY.get(image_format, {}))
         images.append({"bytes": buffer.getvalue(), "path": f"{key}.{ext}"})
     n = batch.num_rows
-    seeds = pa.array([None if s is None else seed for s in batch["sample_index"].to_pylist()], pa.int64())
+    seeds = pa.array([None if s is None else sampling.seed for s in batch["sample_index"].to_pylist()], pa.int64())
     table = batch.drop_columns(["pixels"]).append_column("key", pa.array(keys, pa.string()))
     table = table.append_column("image", pa.array(images, schema.field("image").type))
     table = table.append_column("seed", seeds)
     table = add_run_columns(
         table,
         run_id,
-        cfg_weight=pa.array([cfg_weight] * n, pa.float32()),
-        temperature=pa.array([temperature] * n, pa.float32()),
+        cfg_weight=pa.array([sampling.cfg_weight] * n, pa.float32()),
+        temperature=pa.array([sampling.temperature] * n, pa.float32()),
     )
     report(progress, table)
     return table.select(schema.names).cast(schema)
@@ -429,32 +461,17 @@ def s3_key_error(uri: str) -> str | None:
     return None
 
 
-class Describer:
+class Describer(ModelStage):
     """Model stage for captioning and VQA: prepared images (+ questions) -> text, tokens, finish reason."""
 
-    def __init__(
-        self,
-        *,
-        model: dict,
-        gpus: float,
-        storage: StorageConfig,
-        batching: dict,
-        call_timeout_s: float,
-        params: dict,
-        resume_key: str,
-        text_column: str,
-    ):
-        self.engine = load_engine(model, gpus, storage, batching)
-        self.watchdog = CallWatchdog(call_timeout_s)
-        self.params = params
+    def __init__(self, *, sampling: TextSampling, instruction: str, resume_key: str, text_column: str, **engine_args):
+        super().__init__(**engine_args)
+        self.sampling = sampling
+        self.instruction = instruction
         self.resume_key = resume_key
         self.text_column = text_column
 
-    def __call__(self, batch: pa.Table) -> pa.Table:
-        with self.watchdog.bound():
-            return self.describe_batch(batch)
-
-    def describe_batch(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         size = self.engine.image_size
         errors = batch[ERROR].to_pylist()
         keys = [row_key(k) for k in batch[self.resume_key].to_pylist()]
@@ -462,17 +479,18 @@ class Describer:
         pixels = batch[PREPARED_IMAGE].to_pylist()
         questions = batch["question"].to_pylist()
         arrays = {i: np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in good}
-        results = {}
-        try:
-            results = self.understand(good, arrays, questions, keys)
-        except Exception:
-            for i in good:  # find the rows that break the engine, one at a time
-                try:
-                    results.update(self.understand([i], arrays, questions, keys))
-                except Exception as e:
-                    if is_device_failure(e):
-                        raise
-                    errors[i] = describe(e)
+
+        def understand(rows: list[int]) -> list:
+            images, row_questions = [arrays[i] for i in rows], [questions[i] for i in rows]
+            row_ids = [keys[i] for i in rows]
+            return self.engine.understand(
+                images, row_questions, self.sampling, instruction=self.instruction, row_ids=row_ids
+            )
+
+        texts, good_errors = results_per_row(understand, good)
+        results = dict(zip(good, texts, strict=True))
+        for i, error in zip(good, good_errors, strict=True):
+            errors[i] = error
         n = batch.num_rows
         done = [results.get(i) for i in range(n)]
         columns = {
@@ -488,14 +506,6 @@ class Describer:
         for name, array in columns.items():
             table = table.append_column(name, array)
         return table
-
-    def understand(self, rows: list[int], arrays: dict, questions: list, keys: list[str]) -> dict:
-        if not rows:
-            return {}
-        results = self.engine.understand(
-            [arrays[i] for i in rows], [questions[i] for i in rows], row_ids=[keys[i] for i in rows], **self.params
-        )
-        return dict(zip(rows, results, strict=True))
 
 
 def finish_text_rows(batch: pa.Table, *, run_id: str, schema: pa.Schema, progress=None) -> pa.Table:

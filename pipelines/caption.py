@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, TextSampling  # noqa: E402
 from janus_batch.jobs.cli import common_parser, main  # noqa: E402
-from janus_batch.jobs.specs import CaptionJob  # noqa: E402
 
 FLAGS = {
     "task": "task",
@@ -22,11 +22,12 @@ FLAGS = {
     "id_column": "input.id_column",
     "question_column": "input.question_column",
     "instruction": "instruction",
-    "max_new_tokens": "max_new_tokens",
-    "greedy": "greedy",
-    "temperature": "temperature",
-    "seed": "seed",
+    "max_new_tokens": "sampling.max_new_tokens",
+    "greedy": "sampling.greedy",
+    "temperature": "sampling.temperature",
+    "seed": "sampling.seed",
 }
+DEFAULT = TextSampling()
 
 
 def parser(task: str | None = None):
@@ -41,15 +42,15 @@ def parser(task: str | None = None):
     p.add_argument("--image-uri-column", help="paths / s3:// URIs of the images, instead of bytes")
     p.add_argument("--id-column", help="passed through to the output (default: image_id)")
     p.add_argument("--question-column", help="VQA: the question per row")
-    p.add_argument("--instruction", help="the caption prompt (default: Describe this image in detail.)")
-    p.add_argument("--max-new-tokens", type=int, help="default: 128")
+    p.add_argument("--instruction", help=f"the caption prompt (default: {DEFAULT_CAPTION_INSTRUCTION})")
+    p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT.max_new_tokens}")
     p.add_argument(
         "--sample", dest="greedy", action="store_false", default=None, help="sample instead of greedy decoding"
     )
-    p.add_argument("--temperature", type=float, help="with --sample (default: 1.0)")
-    p.add_argument("--seed", type=int, help="with --sample: keys each row's random numbers (default: 0)")
+    p.add_argument("--temperature", type=float, help=f"with --sample (default: {DEFAULT.temperature:g})")
+    p.add_argument("--seed", type=int, help=f"with --sample: keys each row's random numbers (default: {DEFAULT.seed})")
     return p
 
 
 if __name__ == "__main__":
-    main(CaptionJob, parser(), FLAGS, None)
+    main("caption", parser(), FLAGS, None)

@@ -11,21 +11,22 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
+from janus_batch.engine import ImageSampling  # noqa: E402
 from janus_batch.jobs.cli import common_parser, main  # noqa: E402
-from janus_batch.jobs.specs import SynthesizeJob  # noqa: E402
 
 FLAGS = {
     "input": "input.path",
     "prompt_column": "input.prompt_column",
     "id_column": "input.id_column",
-    "images_per_prompt": "images_per_prompt",
-    "cfg_weight": "cfg_weight",
-    "temperature": "temperature",
-    "top_k": "top_k",
-    "top_p": "top_p",
-    "seed": "seed",
-    "greedy": "greedy",
+    "images_per_prompt": "sampling.images_per_prompt",
+    "cfg_weight": "sampling.cfg_weight",
+    "temperature": "sampling.temperature",
+    "top_k": "sampling.top_k",
+    "top_p": "sampling.top_p",
+    "seed": "sampling.seed",
+    "greedy": "sampling.greedy",
 }
+DEFAULT = ImageSampling()
 
 
 def parser():
@@ -33,15 +34,15 @@ def parser():
     p.add_argument("--input", help="Parquet file or folder of prompts, local or s3:// (default: built-in prompts)")
     p.add_argument("--prompt-column", help="default: prompt")
     p.add_argument("--id-column", help="default: prompt_id (keys the random numbers with the seed)")
-    p.add_argument("--images-per-prompt", type=int, help="default: 16")
-    p.add_argument("--cfg-weight", type=float, help="default: 5")
-    p.add_argument("--temperature", type=float, help="default: 1")
-    p.add_argument("--top-k", type=int)
-    p.add_argument("--top-p", type=float)
-    p.add_argument("--seed", type=int, help="default: 0")
+    p.add_argument("--images-per-prompt", type=int, help=f"default: {DEFAULT.images_per_prompt}")
+    p.add_argument("--cfg-weight", type=float, help=f"default: {DEFAULT.cfg_weight:g}")
+    p.add_argument("--temperature", type=float, help=f"default: {DEFAULT.temperature:g}")
+    p.add_argument("--top-k", type=int, help="default: off")
+    p.add_argument("--top-p", type=float, help="default: off")
+    p.add_argument("--seed", type=int, help=f"default: {DEFAULT.seed}")
     p.add_argument("--greedy", action="store_true", default=None, help="argmax instead of sampling")
     return p
 
 
 if __name__ == "__main__":
-    main(SynthesizeJob, parser(), FLAGS, None)
+    main("synthesize", parser(), FLAGS, None)

@@ -12,7 +12,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from caption import FLAGS, parser  # noqa: E402
 
 from janus_batch.jobs.cli import main  # noqa: E402
-from janus_batch.jobs.specs import CaptionJob  # noqa: E402
 
 if __name__ == "__main__":
-    main(CaptionJob, parser(task="vqa"), FLAGS, None)
+    main("caption", parser(task="vqa"), FLAGS, None)

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -11,6 +9,7 @@ from PIL import Image
 
 from janus_batch import stages
 from janus_batch.io.storage import StorageConfig, fs_path
+from tests.helpers import encoded
 
 # CPU-only settings that fit a 2-CPU cluster: one model actor, fractional CPU stages.
 SMALL_RESOURCES = {"actors": 1, "cpus_per_actor": 0.5, "cpus_per_task": 0.25, "gpus_per_actor": 0}
@@ -27,12 +26,6 @@ def write_parquet(table: pa.Table, uri: str, storage: StorageConfig) -> str:
 def read_parquet_dir(uri: str, storage: StorageConfig) -> pa.Table:
     fs = storage.filesystem(uri)
     return pq.read_table(fs_path(uri), filesystem=fs)
-
-
-def encoded(image: Image.Image, fmt: str = "PNG") -> bytes:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return buffer.getvalue()
 
 
 def sample_images(n: int, seed: int = 0) -> list[bytes]:
@@ -52,7 +45,7 @@ def synth_spec(input_uri: str | None, output_path: str, storage: StorageConfig, 
     spec = {
         "input": None if input_uri is None else {"path": input_uri},
         "model": {"source": str(model_dir)},
-        "images_per_prompt": 2,
+        "sampling": {"images_per_prompt": 2},
         "resources": dict(SMALL_RESOURCES, batch_size=2),
         "output": {"path": output_path, "rows_per_file": 4},
         "storage": storage.model_dump(),

@@ -210,12 +210,12 @@ def test_cluster_shape():
 
 
 def test_job_specs_fit_the_cluster():
-    from janus_batch.jobs.specs import CaptionJob, SynthesizeJob
+    from janus_batch.jobs import KINDS
 
     gpu = gpu_group(one("RayCluster")["spec"])
     for name in ("jobs/synthesize.yaml", "jobs/caption.yaml"):
         data = FILES[name][0]
-        spec = {"synthesize": SynthesizeJob, "caption": CaptionJob}[data["kind"]].model_validate(data)
+        spec = KINDS[data["kind"]].spec.model_validate(data)
         assert spec.run_id is None, f"{name}: the run id comes from the command line"
         assert spec.resources.gpus_per_actor == 1 and spec.resources.max_actors <= gpu["maxReplicas"]
         assert spec.output.path.startswith("s3://") and spec.input.path.startswith("s3://")

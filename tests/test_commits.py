@@ -182,7 +182,7 @@ def test_files_format_keeps_parquet_readers_and_imagefolder_apart(tmp_path, stor
 
 
 def test_a_run_is_succeeded_only_when_every_input_is_in_the_data():
-    spec = SynthesizeJob(run_id="s", images_per_prompt=2)
+    spec = SynthesizeJob(run_id="s", sampling={"images_per_prompt": 2})
     before = Reconciled(pa.array([], pa.uint64()), 0, 0, set(), 0, [])
     after = Reconciled(pa.array([1, 2], pa.uint64()), 3, 1, {"w"}, 0, [])  # one prompt failed: one row
     now = datetime.now(timezone.utc)

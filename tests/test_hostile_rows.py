@@ -26,12 +26,11 @@ from PIL import Image
 from ray.data import ActorPoolStrategy
 
 from janus_batch import stages
-from janus_batch.engine import decode_image, preprocess_image
+from janus_batch.engine import ImageSampling, decode_image, preprocess_image
 from janus_batch.io import readers
 from janus_batch.io.storage import StorageConfig, write_bytes
-from janus_batch.jobs import CaptionJob, run
+from janus_batch.jobs import CaptionJob, SynthesizeJob, run
 from janus_batch.jobs.pipeline import prepare
-from janus_batch.jobs.specs import SynthesizeJob
 from tests.jobs_data import SMALL_RESOURCES, prepared_images, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -363,7 +362,7 @@ def test_caption_job_over_the_hostile_corpus(ray_cluster, storage, bucket, tiny_
             resources=SMALL_RESOURCES,
             storage=storage.model_dump(),
             output={"path": str(tmp_path / "out")},
-            max_new_tokens=4,
+            sampling={"max_new_tokens": 4},
             run_id="c",
         )
     )
@@ -438,12 +437,12 @@ class StopsOnce(stages.Synthesizer):
         super().__init__(**kwargs)
         self.marks = Path(marks)
 
-    def synthesize(self, batch: pa.Table) -> pa.Table:
+    def process(self, batch: pa.Table) -> pa.Table:
         attempt = len(list(self.marks.iterdir()))
         (self.marks / str(attempt)).touch()
         if attempt == 0:
             os.kill(os.getpid(), signal.SIGSTOP)
-        return super().synthesize(batch)
+        return super().process(batch)
 
 
 def test_a_stopped_model_actor_is_killed_and_its_call_retried(ray_cluster, tiny_model_dir, tmp_path):
@@ -457,14 +456,13 @@ def test_a_stopped_model_actor_is_killed_and_its_call_retried(ray_cluster, tiny_
             "error": pa.array([None, None], pa.string()),
         }
     )
-    params = dict(images_per_prompt=1, cfg_weight=5.0, temperature=1.0, top_k=None, top_p=None, seed=0, greedy=False)
     stage = dict(
         model={**SynthesizeJob().model.model_dump(), "source": str(tiny_model_dir)},
         gpus=0,
         storage=StorageConfig(),
         batching=dict(max_batch_rows=8),
         call_timeout_s=2,
-        params=params,
+        sampling=ImageSampling(images_per_prompt=1),
         marks=str(tmp_path),
     )
     ds = ray.data.from_arrow(rows).map_batches(

@@ -17,7 +17,7 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from janus_batch.engine import JanusEngine
+from janus_batch.engine import ImageSampling, JanusEngine, TextSampling
 from janus_batch.io.storage import fs_path
 from janus_batch.jobs import CaptionJob, SynthesizeJob, pipeline, run
 from tests.jobs_data import SMALL_RESOURCES, read_parquet_dir, sample_images, synth_spec, write_parquet
@@ -149,7 +149,7 @@ def test_caption_s3_bytes_to_webdataset_and_vqa_s3_uris_to_parquet(
         model={"source": str(tiny_model_dir)},
         resources=dict(SMALL_RESOURCES, batch_size=2),
         storage=storage.model_dump(),
-        max_new_tokens=6,
+        sampling={"max_new_tokens": 6},
     )
     caption = CaptionJob.model_validate(
         dict(common, input={"path": source}, output={"path": f"{bucket}/cap", "format": "webdataset"}, run_id="c")
@@ -194,7 +194,7 @@ def test_caption_s3_bytes_to_webdataset_and_vqa_s3_uris_to_parquet(
     direct = engine.understand(
         sample_images(3),
         ["What is this?", "Which colour?", "How many?"],
-        max_new_tokens=6,
+        TextSampling(max_new_tokens=6),
         row_ids=[by_id[i]["key"] for i in "abc"],
     )
     assert [by_id[i]["answer"] for i in "abc"] == [d.text for d in direct]
@@ -212,7 +212,7 @@ def test_caption_image_folder(ray_cluster, storage, tiny_model_dir, tmp_path):
             model={"source": str(tiny_model_dir)},
             resources=SMALL_RESOURCES,
             output={"path": str(tmp_path / "out")},
-            max_new_tokens=4,
+            sampling={"max_new_tokens": 4},
             run_id="f",
         )
     )
@@ -243,8 +243,7 @@ def test_seeds_reproducible_across_batch_sizes_and_actor_counts(ray_cluster, sto
             storage,
             tiny_model_dir,
             run_id=name,
-            images_per_prompt=3,
-            seed=7,
+            sampling={"images_per_prompt": 3, "seed": 7},
             input={"path": source, "check_duplicate_ids": False},
             resources=resources,
         )
@@ -254,7 +253,8 @@ def test_seeds_reproducible_across_batch_sizes_and_actor_counts(ray_cluster, sto
 
     # ... and the same pixels as the engine called directly, in one batch.
     engine = JanusEngine.from_pretrained(str(tiny_model_dir))
-    direct = engine.generate_images(list(prompts.values()), prompt_ids=list(prompts), images_per_prompt=3, seed=7)
+    sampling = ImageSampling(images_per_prompt=3, seed=7)
+    direct = engine.generate_images(list(prompts.values()), sampling, prompt_ids=list(prompts))
     for image in direct:
         decoded = np.asarray(Image.open(io.BytesIO(results["one"][(image.prompt_id, image.sample_index)])))
         np.testing.assert_array_equal(decoded, image.pixels)
@@ -299,14 +299,17 @@ def test_bad_row_corpus(ray_cluster, storage, bucket, tiny_model_dir, tmp_path, 
         again = run(SynthesizeJob.model_validate(spec))
     assert (again["inputs_done_before"], again["rows_before"], again["rows_written"]) == (9, 11, 0)
     # Resuming with settings that change the outputs would mix two kinds of rows: refused, naming the changes.
-    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3; seed 0 -> 5\): resume it with the spec in"):
-        run(SynthesizeJob.model_validate({**spec, "images_per_prompt": 3, "seed": 5}))
+    changes = r"sampling.images_per_prompt 2 -> 3; sampling.seed 0 -> 5\): resume it with the spec in"
+    with pytest.raises(ValueError, match=changes):
+        run(SynthesizeJob.model_validate({**spec, "sampling": {"images_per_prompt": 3, "seed": 5}}))
     assert (
         run(SynthesizeJob.model_validate({**spec, "resources": {**SMALL_RESOURCES, "batch_size": 3}}))["rows_written"]
         == 0
     )  # how it runs may change
 
     engine = JanusEngine.from_pretrained(str(tiny_model_dir))
-    for image in engine.generate_images(["a fox", "a cat"], prompt_ids=["good1", "good2"], images_per_prompt=2):
+    for image in engine.generate_images(
+        ["a fox", "a cat"], ImageSampling(images_per_prompt=2), prompt_ids=["good1", "good2"]
+    ):
         decoded = np.asarray(Image.open(io.BytesIO(good[(image.prompt_id, image.sample_index)]["image"]["bytes"])))
         np.testing.assert_array_equal(decoded, image.pixels)

@@ -111,8 +111,8 @@ def test_changed_inputs_outputs_and_weights_are_refused_on_rerun(ray_cluster, st
         resources={"batch_size": 1},  # a data file per prompt
     )
     run(SynthesizeJob.model_validate(spec))
-    with pytest.raises(ValueError, match=r"images_per_prompt 2 -> 3"):
-        run(SynthesizeJob.model_validate(dict(spec, images_per_prompt=3)))
+    with pytest.raises(ValueError, match=r"sampling.images_per_prompt 2 -> 3"):
+        run(SynthesizeJob.model_validate(dict(spec, sampling={"images_per_prompt": 3})))
 
     # A prompt inserted at the top: row positions, and so resume keys, now name other prompts.
     original, stat = Path(source).read_bytes(), os.stat(source)

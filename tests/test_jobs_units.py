@@ -22,17 +22,19 @@ from PIL import Image
 from pydantic import ValidationError
 
 from janus_batch import stages
-from janus_batch.engine import decode_image, preprocess_image
+from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling, decode_image, preprocess_image
 from janus_batch.engine import engine as engine_module
 from janus_batch.io.commits import RunFiles
 from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs.pipeline import cpu_shortfall, model_stage_args, prepare
-from janus_batch.jobs.specs import RUN_ID, CaptionJob, ModelSpec, ResourceSpec, SynthesizeJob, resolve_run_id
-from janus_batch.model import loading
-from tests.conftest import free_port
-from tests.jobs_data import encoded, prepared_images, sample_images, write_parquet
+from janus_batch.jobs import KINDS, CaptionJob, SynthesizeJob
+from janus_batch.jobs.kinds import model_stage_args
+from janus_batch.jobs.pipeline import cpu_shortfall, prepare
+from janus_batch.jobs.specs import RUN_ID, ModelSpec, ResourceSpec, resolve_run_id
+from janus_batch.model import load_janus
+from tests.helpers import encoded, free_port
+from tests.jobs_data import prepared_images, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
 REPO = Path(__file__).resolve().parents[1]
@@ -44,10 +46,11 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.mark.parametrize(
     "data,message",
     [
-        ({"images_per_prompt": 0}, "images_per_prompt"),
+        ({"sampling": {"images_per_prompt": 0}}, "sampling.images_per_prompt"),
+        ({"images_per_prompt": 4}, "images_per_prompt"),  # a sampling option belongs under sampling
         ({"resources": {"min_actors": 2}}, "set both min_actors and max_actors"),
         ({"resources": {"min_actors": 3, "max_actors": 2}}, "min_actors (3) > max_actors (2)"),
-        ({"resources": {"batch_size": 64}, "images_per_prompt": 32}, "keep it <= 1024"),
+        ({"resources": {"batch_size": 64}, "sampling": {"images_per_prompt": 32}}, "keep it <= 1024"),
         ({"output": {"format": "csv"}}, "output.format"),
         ({"run_id": "../escape"}, "run_id"),
         ({"run_id": "nightly-{now:%H:%M}"}, "letters, digits"),
@@ -99,12 +102,19 @@ def test_caption_spec_modes():
         CaptionJob.model_validate({"input": {"path": "x"}, "output": {"format": "files"}})
 
 
+def test_every_kind_is_registered_under_its_spec_kind():
+    # cli.py and pipeline.py find a job's kind (its stages, input, output schema) by its spec's `kind`.
+    for name, kind in KINDS.items():
+        assert kind.spec.model_fields["kind"].default == name
+    assert KINDS["caption"].spec is CaptionJob and KINDS["synthesize"].spec is SynthesizeJob
+
+
 def test_default_batch_size_fills_several_forward_batches():
     # 512 outputs a call: a call smaller than the engine's forward batch (on a GPU, hundreds of rows) would
     # leave the GPU underused.
     assert SynthesizeJob().resources.batch_size == 32  # prompts: 32 x 16 images
-    assert SynthesizeJob(images_per_prompt=4).resources.batch_size == 128
-    assert SynthesizeJob(images_per_prompt=1000).resources.batch_size == 1
+    assert SynthesizeJob(sampling={"images_per_prompt": 4}).resources.batch_size == 128
+    assert SynthesizeJob(sampling=ImageSampling(images_per_prompt=1000)).resources.batch_size == 1
     assert CaptionJob(input={"path": "x"}).resources.batch_size == 512
     assert SynthesizeJob(resources={"batch_size": 3}).resources.batch_size == 3
     mine = ResourceSpec(actors=2)
@@ -121,7 +131,7 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
     config = tmp_path / "job.yaml"
     config.write_text(
         "input: {path: s3://b/prompts.parquet, prompt_column: text}\n"
-        "images_per_prompt: 8\n"
+        "sampling: {images_per_prompt: 8, seed: 4}\n"
         "storage: {endpoint_url: 'http://127.0.0.1:9000', key: AKIA, secret: hunter2}\n"
         "output: {path: s3://b/out, format: webdataset}\n"
     )
@@ -129,7 +139,8 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
     run_script("synthesize.py", args, monkeypatch)
     out = capsys.readouterr().out
     spec = json.loads(out[: out.index("plan (")])
-    assert spec["images_per_prompt"] == 3 and spec["resources"]["actors"] == 2  # flags override the file
+    assert spec["sampling"]["images_per_prompt"] == 3 and spec["resources"]["actors"] == 2  # flags override the file
+    assert spec["sampling"]["seed"] == 4  # and the file's other sampling options stay
     assert spec["resources"]["batch_size"] == 170 and "170 prompts per call" in out  # 510 of 512 images a call
     assert spec["input"]["prompt_column"] == "text" and spec["output"]["format"] == "webdataset"
     assert spec["storage"]["secret"] == "***" and "hunter2" not in out
@@ -153,10 +164,21 @@ def test_cli_sampling_flags(monkeypatch, capsys):
         out = capsys.readouterr().out
         return json.loads(out[: out.index("plan (")])
 
-    assert dry_run("caption.py", ["--input", "x"])["greedy"] is True
-    sampled = dry_run("caption.py", ["--input", "x", "--sample", "--temperature", "0.7", "--seed", "3"])
-    assert (sampled["greedy"], sampled["temperature"], sampled["seed"]) == (False, 0.7, 3)
-    assert dry_run("synthesize.py", [])["greedy"] is False and dry_run("synthesize.py", ["--greedy"])["greedy"]
+    assert dry_run("caption.py", ["--input", "x"])["sampling"]["greedy"] is True
+    args = ["--input", "x", "--sample", "--temperature", "0.7", "--seed", "3", "--max-new-tokens", "9"]
+    sampled = dry_run("caption.py", args)["sampling"]
+    assert (sampled["greedy"], sampled["temperature"], sampled["seed"], sampled["max_new_tokens"]) == (False, 0.7, 3, 9)
+    assert dry_run("synthesize.py", [])["sampling"]["greedy"] is False
+    args = ["--greedy", "--cfg-weight", "3", "--temperature", "0.5", "--top-k", "7", "--top-p", "0.9", "--seed", "2"]
+    assert dry_run("synthesize.py", args)["sampling"] == {
+        "images_per_prompt": 16,
+        "cfg_weight": 3.0,
+        "temperature": 0.5,
+        "top_k": 7,
+        "top_p": 0.9,
+        "seed": 2,
+        "greedy": True,
+    }
     monkeypatch.setattr(sys, "argv", ["caption.py", "--help"])
     with pytest.raises(SystemExit):
         runpy.run_path(str(REPO / "pipelines" / "caption.py"), run_name="__main__")
@@ -290,7 +312,7 @@ def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatc
         storage=storage,
         batching=dict(max_batch_rows=8),
         call_timeout_s=600,
-        params=dict(images_per_prompt=2, cfg_weight=5.0, temperature=1.0, top_k=None, top_p=None, seed=0, greedy=False),
+        sampling=ImageSampling(images_per_prompt=2),
     )
     batch = pa.table(
         {
@@ -315,10 +337,10 @@ def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatc
     # An engine failure that only some rows cause is pinned on those rows; the others still get images.
     real = stage.engine.generate_images
 
-    def flaky(prompts, **kwargs):
+    def flaky(prompts, sampling, **kwargs):
         if "a cat" in prompts:
             raise RuntimeError("boom")
-        return real(prompts, **kwargs)
+        return real(prompts, sampling, **kwargs)
 
     monkeypatch.setattr(stage.engine, "generate_images", flaky)
     out = stage(pa.concat_tables([batch.slice(0, 1), batch.slice(3, 1)])).to_pylist()
@@ -340,9 +362,8 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
         storage=storage,
         batching=dict(max_batch_rows=8),
         call_timeout_s=600,
-        params=dict(
-            instruction="Describe this image in detail.", max_new_tokens=5, greedy=True, temperature=1.0, seed=0
-        ),
+        sampling=TextSampling(max_new_tokens=5),
+        instruction=DEFAULT_CAPTION_INSTRUCTION,
         resume_key="row_hash",
         text_column="caption",
     )
@@ -383,7 +404,6 @@ def test_actors_sharing_a_gpu_share_its_memory():
 
 def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tiny_model_dir, monkeypatch):
     loads = []
-    load_janus = loading.load_janus
     monkeypatch.setattr(engine_module, "load_janus", lambda *args, **kwargs: loads.append(args) or load_janus(*args))
     prompts = write_parquet(pa.table({"text": ["a"], "prompt_id": ["p"]}), f"{bucket}/in/p.parquet", storage)
     base = {"output": {"path": str(tmp_path / "out")}, "storage": storage.model_dump()}

@@ -69,7 +69,7 @@ BAD_SPECS = {
     "a key from a dump": {"storage": {"key": KEY, "secret": "**********"}},
     "a rule over the whole job": {
         "storage": {"key": KEY, "secret": SECRET, "token": TOKEN},
-        "images_per_prompt": 100,
+        "sampling": {"images_per_prompt": 100},
         "resources": {"batch_size": 100},
     },
 }
@@ -82,7 +82,7 @@ def test_validation_errors_name_the_field_never_the_secret(data):
     for where, text in [("str", str(error.value)), ("repr", repr(error.value)), ("the CLI", spec_errors(error.value))]:
         assert_clean(text, where)
     assert "storage" in str(error.value) or "batch_size" in str(error.value)
-    if isinstance(data["storage"], dict) and "images_per_prompt" not in data:  # the storage block alone is wrong
+    if isinstance(data["storage"], dict) and "sampling" not in data:  # the storage block alone is wrong
         with pytest.raises(ValidationError) as error:
             StorageConfig.model_validate(data["storage"])
         assert_clean(str(error.value), "StorageConfig's error")
@@ -158,7 +158,7 @@ def test_a_run_and_a_failed_run_show_the_keys_nowhere(
     common = {
         "input": {"path": source},
         "model": {"source": str(tiny_model_dir)},
-        "images_per_prompt": 1,
+        "sampling": {"images_per_prompt": 1},
         "resources": SMALL_RESOURCES,
         "output": {"path": f"{bucket}/out"},
     }

@@ -355,7 +355,7 @@ def test_outages_stop_a_job_within_its_budget_and_the_resume_is_exact(
         "resources": dict(SMALL_RESOURCES, batch_size=2),
         "output": {"path": f"{bucket}/cap", "rows_per_file": 2},
         "storage": proxied(proxy, s3_server, attempts=3, max_seconds=10),
-        "max_new_tokens": 4,
+        "sampling": {"max_new_tokens": 4},
         "run_id": "outage",
     }
 
@@ -413,7 +413,7 @@ def test_reads_by_ray_data_failing_stop_the_job_within_its_budget(
         "resources": SMALL_RESOURCES,
         "output": {"path": f"{bucket}/folder"},
         "storage": proxied(proxy, s3_server, attempts=3, max_seconds=10),
-        "max_new_tokens": 2,
+        "sampling": {"max_new_tokens": 2},
         "run_id": "folder",
     }
     proxy.set(rate=1.0, kinds=["slowdown"], methods={"GET"}, path_regex=r"/photos/")
@@ -431,7 +431,7 @@ def test_a_store_down_from_the_start_stops_the_job_with_one_clear_line(
     config = {
         "input": {"path": source},
         "model": {"source": str(tiny_model_dir)},
-        "images_per_prompt": 1,
+        "sampling": {"images_per_prompt": 1},
         "resources": SMALL_RESOURCES,
         "output": {"path": f"{bucket}/down"},
         "storage": proxied(proxy, s3_server, attempts=3, max_seconds=10),

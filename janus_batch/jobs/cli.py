@@ -1,5 +1,8 @@
 """Command lines of the job scripts in pipelines/: flags for the common fields, --config for all of them.
 
+Each script names its job kind (registry.KINDS) and maps its own flags to fields of that kind's spec, e.g.
+`--images-per-prompt` to `sampling.images_per_prompt`.
+
 A YAML file gives the whole spec (the same fields as the pydantic models); flags override it. S3 secrets
 are never flags: use the AWS environment variables, a profile, or the YAML file. No message shows them: a
 bad spec names the field and the rule, not the value.
@@ -21,6 +24,8 @@ import yaml
 from pydantic import ValidationError
 
 from janus_batch.io.storage import StorageConfig, one_line
+from janus_batch.jobs.pipeline import describe_plan, run
+from janus_batch.jobs.registry import KINDS
 from janus_batch.jobs.specs import ROWS_PER_CALL, JobSpec
 
 # flag dest -> dotted field path, for the flags every job has
@@ -109,14 +114,14 @@ def set_path(data: dict, dotted: str, value) -> None:
     data[leaf] = value
 
 
-def build_spec(cls: type[JobSpec], args: argparse.Namespace, flags: dict[str, str]) -> JobSpec:
-    """YAML (if any), then every flag that was given, validated as `cls`."""
+def build_spec(kind: str, args: argparse.Namespace, flags: dict[str, str]) -> JobSpec:
+    """YAML (if any), then every flag that was given, validated as the spec of job kind `kind`."""
     data = load_yaml(args.config) if args.config else {}
     for dest, dotted in {**COMMON_FLAGS, **flags}.items():
         value = getattr(args, dest, None)
         if value is not None:
             set_path(data, dotted, value)
-    return cls.model_validate(data)
+    return KINDS[kind].spec.model_validate(data)
 
 
 def load_yaml(path: Path) -> dict:
@@ -196,16 +201,16 @@ def failure_message(e: BaseException, storage: StorageConfig) -> str:
     return message
 
 
-def main(cls: type[JobSpec], parser: argparse.ArgumentParser, flags: dict[str, str], argv: list[str] | None) -> None:
+def main(kind: str, parser: argparse.ArgumentParser, flags: dict[str, str], argv: list[str] | None) -> None:
+    """A job script: the spec of job kind `kind` from --config and the flags (`flags`: the script's own, flag dest
+    -> dotted field path), then --dry-run's plan or the run."""
     args = parser.parse_args(argv)
     try:
-        spec = build_spec(cls, args, flags)
+        spec = build_spec(kind, args, flags)
     except ValidationError as e:
         sys.exit(f"invalid job spec:\n{spec_errors(e)}")
     except ValueError as e:
         sys.exit(f"invalid job spec: {e}")
-    from janus_batch.jobs.pipeline import describe_plan, run
-
     if args.dry_run:
         if spec.run_id is not None:  # show the id this run would use; a new one is made only when it runs
             spec = spec.with_run_id()

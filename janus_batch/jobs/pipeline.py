@@ -1,5 +1,9 @@
 """Build and run a job: read -> CPU preprocess -> model actors -> CPU postprocess -> write, resumable.
 
+What every job shares lives here: the checks before a run, the run folder (record, resume checks, reconcile), the
+lease, the write, progress and the summary. What differs between kinds (their input, resume key, output schema and
+stages) is each kind's own, behind kinds.JobKind, found in registry.KINDS by the spec's `kind`.
+
 Layout of a run (local or s3://):
     OUTPUT/RUN_ID/spec.json       the spec as run (secrets masked)
     OUTPUT/RUN_ID/inputs.json     the input files' sizes and modification times when the run started
@@ -28,16 +32,9 @@ import time
 from datetime import datetime, timezone
 from pathlib import Path
 
-import pyarrow as pa
-import pyarrow.compute as pc
-import pyarrow.fs as pafs
-import pyarrow.parquet as pq
 import ray
-from ray.data import ActorPoolStrategy
 
 from janus_batch import stages
-from janus_batch.engine.engine import memory_share
-from janus_batch.io import readers, schemas
 from janus_batch.io.commits import DATA, Reconciled, RunFiles, reconcile
 from janus_batch.io.lease import RunLease
 from janus_batch.io.storage import (
@@ -50,15 +47,11 @@ from janus_batch.io.storage import (
     write_bytes,
 )
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs.specs import CaptionJob, JobSpec, SynthesizeJob
-from janus_batch.model import check_weights, prompt_format_of
+from janus_batch.jobs.kinds import Build, Prepared
+from janus_batch.jobs.registry import KINDS
+from janus_batch.jobs.specs import JobSpec
+from janus_batch.model import check_weights
 
-BUILTIN_PROMPTS = [
-    "A photo of a red fox sitting in the snow, golden hour.",
-    "A watercolor painting of a lighthouse on a cliff above a stormy sea.",
-    "A city street at night with neon lights, cinematic.",
-    "A bowl of ramen on a wooden table, studio lighting.",
-]
 # Ray Data splits blocks above this size; one model call's output must stay one block (see module doc).
 MAX_BLOCK_BYTES = 2**30
 PROGRESS_EVERY_S = 10.0
@@ -84,34 +77,13 @@ def read_model_config(source: str | None, storage: StorageConfig, revision: str 
         raise ValueError(f"cannot read the config of model {source!r}: {stages.describe(e)}") from None
 
 
-def model_image_size(config: dict) -> int:
-    """Understanding input size: HF format (vision_config.image_size) or DeepSeek's (.params.image_size)."""
-    vision = config.get("vision_config", {})
-    return int(vision.get("image_size") or vision.get("params", {}).get("image_size") or 384)
-
-
-def count_input_rows(prepared: Prepared) -> int:
-    """From the Parquet footers (or the file list of an image folder): nothing is read but metadata."""
-    if isinstance(prepared.spec, CaptionJob) and prepared.spec.input.format == "images":
-        return len(prepared.files)
-    fs = prepared.spec.storage.filesystem(prepared.input_path)
-    return sum(pq.read_metadata(f, filesystem=fs).num_rows for f in prepared.files)
-
-
-def resume_key(spec: JobSpec) -> str:
-    """The column that identifies an input row in the output (and says which inputs are done)."""
-    if isinstance(spec, CaptionJob) and spec.input.format == "images":
-        return schemas.PATH
-    return schemas.ROW_HASH
-
-
 def run_files(spec: JobSpec) -> RunFiles:
-    key = resume_key(spec)
+    key = KINDS[spec.kind].resume_key(spec)
     return RunFiles(
         run_dir=fs_path(spec.run_dir),
         filesystem=spec.storage.filesystem(spec.run_dir),
-        resume_key=key,
-        resume_type=pa.string() if key == schemas.PATH else pa.uint64(),
+        resume_key=key.name,
+        resume_type=key.type,
     )
 
 
@@ -181,24 +153,6 @@ def cpu_shortfall(spec: JobSpec, cluster_cpus: float) -> str | None:
     )
 
 
-class Prepared:
-    """What the driver learned about a job before running it."""
-
-    def __init__(self, spec: JobSpec, input_path: str, files: list[str], schema: pa.Schema, model_config: dict):
-        self.spec = spec
-        self.input_path = input_path
-        self.files = files
-        self.schema = schema
-        self.image_size = model_image_size(model_config)
-        model = spec.model
-        source = model.source or "tiny"
-        recorded = model_config.get("prompt_format")
-        # What the engine will use (it logs it at load): the spec's, else as the checkpoint tells.
-        self.prompt_format = (
-            model.prompt_format if model.prompt_format != "auto" else prompt_format_of(source, recorded)[0]
-        )
-
-
 # Inputs with more files than this are fingerprinted by one digest (a change is still refused, unnamed).
 FINGERPRINT_FILES_NAMED = 10_000
 
@@ -239,29 +193,7 @@ def prepare(spec: JobSpec) -> Prepared:
     if spec.run_id is None or "{" in spec.run_id:
         spec = resolve(spec)
     storage = spec.storage
-    if isinstance(spec, SynthesizeJob):
-        input_path = spec.input.path if spec.input else write_builtin_prompts(spec)
-        files = readers.list_input_files(input_path, storage, ["parquet"])
-        schema = readers.parquet_schema(input_path, storage)
-        if spec.input:
-            columns = {"prompt": spec.input.prompt_column, "id": spec.input.id_column}
-            readers.require_columns(schema, columns, input_path)
-    else:
-        source = spec.input
-        input_path = source.path
-        if source.format == "images":
-            files = readers.list_input_files(input_path, storage, readers.IMAGE_EXTENSIONS)
-            schema = pa.schema([("bytes", pa.binary()), (schemas.PATH, pa.string())])
-        else:
-            files = readers.list_input_files(input_path, storage, ["parquet"])
-            schema = readers.parquet_schema(input_path, storage)
-            columns = {
-                "image": source.image_column,
-                "image URI": source.image_uri_column,
-                "id": source.id_column,
-                "question": source.question_column,
-            }
-            readers.require_columns(schema, columns, input_path)
+    input_path, files, schema = KINDS[spec.kind].list_input(spec)
     model_config = read_model_config(spec.model.source, storage, spec.model.revision)
     if spec.model.source is not None:  # pickle-only weights without the opt-in fail here, not in every actor
         try:
@@ -286,46 +218,7 @@ def record_run(prepared: Prepared) -> None:
     write_bytes(join(spec.run_dir, "inputs.json"), json.dumps(input_fingerprint(prepared)).encode(), spec.storage)
 
 
-def write_builtin_prompts(spec: SynthesizeJob) -> str:
-    """The built-in prompts as the run's input file, written once (a rerun finds the same file)."""
-    path = join(spec.run_dir, "input", "prompts.parquet")
-    fs = spec.storage.filesystem(path)
-    if fs.get_file_info(fs_path(path)).type == pafs.FileType.File:
-        return path
-    table = pa.table({"prompt_id": [f"p{i}" for i in range(len(BUILTIN_PROMPTS))], "prompt": BUILTIN_PROMPTS})
-    sink = pa.BufferOutputStream()
-    pq.write_table(table, sink)
-    write_bytes(path, sink.getvalue().to_pybytes(), spec.storage)
-    return path
-
-
 # ---- the pipeline ------------------------------------------------------------------------------------
-
-
-def model_stage_args(spec: JobSpec, made_with: str | None = None) -> tuple[dict, dict]:
-    """(map_batches arguments, actor constructor arguments) of the model stage. `made_with`: the weights hash of
-    the model that made the run's rows so far: an actor whose model has other weights refuses to start."""
-    res = spec.resources
-    gpus = res.gpus_per_actor
-    if gpus is None:
-        gpus = 1 if ray.cluster_resources().get("GPU", 0) > 0 else 0
-    low, high = res.pool_size()
-    return dict(
-        compute=ActorPoolStrategy(min_size=low, max_size=high),
-        num_gpus=gpus,
-        num_cpus=res.cpus_per_actor,
-        batch_size=res.batch_size,
-        batch_format="pyarrow",
-    ), dict(
-        model=dict(spec.model.model_dump(), weights_hash=made_with),
-        gpus=gpus,
-        storage=spec.storage,
-        batching=dict(
-            max_batch_rows=res.max_batch_rows,
-            gpu_memory_utilization=memory_share(res.gpu_memory_utilization, gpus),
-        ),
-        call_timeout_s=res.call_timeout_s,
-    )
 
 
 def build_pipeline(
@@ -339,152 +232,24 @@ def build_pipeline(
     done = present.done if present is not None else None
     made_with = next(iter(present.weights_hashes)) if present is not None and present.weights_hashes else None
     leave_retries_to_the_store(ray.data.DataContext.get_current())  # before the datasets and the datasink copy it
+    kind = KINDS[spec.kind]
     done_ref = ray.put(done) if done is not None and len(done) else None
-    if isinstance(spec, SynthesizeJob):
-        ds = synthesis_stages(spec, prepared, done_ref, made_with, progress)
-    else:
-        ds = understanding_stages(spec, prepared, done_ref, made_with, progress)
+    build = Build(prepared, kind.resume_key(spec).name, done_ref, made_with, progress)
+    ds = None
+    for stage in kind.stages(spec):
+        ds = stage.apply(build, ds)
     ds.context.target_max_block_size = MAX_BLOCK_BYTES
     return ds
 
 
-def drop_done(batch: pa.Table, *, resume_key: str, done: list) -> pa.Table:
-    """Input rows whose outputs are not in the run's data yet. `done`: [ObjectRef of the done resume keys],
-    wrapped in a list so that Ray passes the reference, fetched once per worker, not the keys per task."""
-    return batch.filter(pc.invert(pc.is_in(batch[resume_key], value_set=ray.get(done[0]))))
-
-
-def skip_done(ds: ray.data.Dataset, spec: JobSpec, done_ref, num_cpus: float) -> ray.data.Dataset:
-    if done_ref is None:
-        return ds
-    return ds.map_batches(
-        drop_done,
-        fn_kwargs=dict(resume_key=resume_key(spec), done=[done_ref]),
-        batch_format="pyarrow",
-        num_cpus=num_cpus,
-    )
-
-
-def synthesis_stages(spec: SynthesizeJob, prepared: Prepared, done_ref, made_with, progress) -> ray.data.Dataset:
-    """read prompts -> check -> generate (actors) -> encode."""
-    storage = spec.storage
-    cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
-    map_args, engine_args = model_stage_args(spec, made_with)
-    source = spec.input
-    prompt_column = source.prompt_column if source else "prompt"
-    id_column = source.id_column if source else "prompt_id"
-    columns = [c for c in (prompt_column, id_column) if c]
-    ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
-    check_ids = source is None or source.check_duplicate_ids
-    dups = readers.duplicate_ids(ds, id_column or prompt_column) if check_ids else set()
-    ds = skip_done(ds, spec, done_ref, spec.resources.cpus_per_task)
-    ds = ds.map_batches(
-        stages.prepare_prompts,
-        fn_kwargs=dict(prompt_column=prompt_column, id_column=id_column, duplicates=dups),
-        **cpu,
-    )
-    params = dict(
-        images_per_prompt=spec.images_per_prompt,
-        cfg_weight=spec.cfg_weight,
-        temperature=spec.temperature,
-        top_k=spec.top_k,
-        top_p=spec.top_p,
-        seed=spec.seed,
-        greedy=spec.greedy,
-    )
-    ds = ds.repartition(target_num_rows_per_block=spec.resources.batch_size)
-    ds = ds.map_batches(stages.Synthesizer, fn_constructor_kwargs=dict(engine_args, params=params), **map_args)
-    post = dict(
-        image_format=spec.output.image_format,
-        run_id=spec.run_id,
-        seed=spec.seed,
-        cfg_weight=spec.cfg_weight,
-        temperature=spec.temperature,
-        schema=schemas.SYNTHESIZE,
-        progress=progress,
-    )
-    # batch_size=None: one block in, one block out, so a prompt's images stay in one block.
-    ds = ds.map_batches(stages.encode_images, fn_kwargs=post, batch_size=None, **cpu)
-    return ds
-
-
-def understanding_stages(spec: CaptionJob, prepared: Prepared, done_ref, made_with, progress) -> ray.data.Dataset:
-    """read images -> fetch, decode, preprocess -> caption / answer (actors) -> finish rows."""
-    storage = spec.storage
-    cpu = dict(num_cpus=spec.resources.cpus_per_task, batch_format="pyarrow")
-    map_args, engine_args = model_stage_args(spec, made_with)
-    source = spec.input
-    key = resume_key(spec)
-    if source.format == "images":
-        passthrough = [schemas.PATH]
-        ds = readers.read_image_folder(prepared.input_path, storage, spec.resources.cpus_per_task)
-    else:
-        passthrough = [c for c in (source.id_column, source.image_uri_column) if c]
-        image_columns = [source.image_column, source.image_uri_column, source.question_column]
-        columns = [c for c in [*image_columns, *passthrough] if c]
-        ds = readers.read_parquet(prepared.input_path, storage, columns, spec.resources.cpus_per_task)
-    dups = set()
-    if source.id_column and source.check_duplicate_ids:
-        dups = readers.duplicate_ids(ds, source.id_column)
-    ds = skip_done(ds, spec, done_ref, spec.resources.cpus_per_task)
-    ds = ds.map_batches(
-        stages.prepare_images,
-        fn_kwargs=dict(
-            resume_key=key,
-            image_column=source.image_column,
-            image_uri_column=source.image_uri_column,
-            id_column=source.id_column,
-            question_column=source.question_column,
-            passthrough=passthrough,
-            duplicates=dups,
-            image_size=prepared.image_size,
-            storage=storage,
-            max_image_bytes=source.max_image_bytes,
-        ),
-        batch_size=spec.resources.batch_size,
-        **cpu,
-    )
-    params = dict(
-        instruction=spec.instruction,
-        max_new_tokens=spec.max_new_tokens,
-        greedy=spec.greedy,
-        temperature=spec.temperature,
-        seed=spec.seed,
-    )
-    ds = ds.repartition(target_num_rows_per_block=spec.resources.batch_size)
-    ds = ds.map_batches(
-        stages.Describer,
-        fn_constructor_kwargs=dict(engine_args, params=params, resume_key=key, text_column=spec.text_column),
-        **map_args,
-    )
-    schema = output_schema(spec, prepared)
-    ds = ds.map_batches(
-        stages.finish_text_rows,
-        fn_kwargs=dict(run_id=spec.run_id, schema=schema, progress=progress),
-        batch_size=None,
-        **cpu,
-    )
-    return ds
-
-
-def output_schema(spec: JobSpec, prepared: Prepared) -> pa.Schema:
-    if isinstance(spec, SynthesizeJob):
-        return schemas.SYNTHESIZE
-    source = spec.input
-    if source.format == "images":
-        return schemas.understanding_schema(schemas.PATH, [], spec.text_column)
-    ids = [(c, prepared.schema.field(c).type) for c in (source.id_column, source.image_uri_column) if c]
-    return schemas.understanding_schema(schemas.ROW_HASH, ids, spec.text_column)
-
-
 def writer_for(spec: JobSpec, prepared: Prepared) -> RunWriter:
-    text_column = "prompt" if isinstance(spec, SynthesizeJob) else spec.text_column
+    kind = KINDS[spec.kind]
     return RunWriter(
         run_files(spec),
         spec.output.format,
-        schema=output_schema(spec, prepared),
+        schema=kind.output_schema(prepared),
         rows_per_file=spec.output.rows_per_file,
-        text_column=text_column,
+        text_column=kind.text_column(spec),
         image_format=spec.output.image_format,
     )
 
@@ -554,7 +319,7 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
     spec = prepared.spec
     with RunLease(spec.run_dir, spec.storage, spec.lease.ttl_s) as lease:
         lease.acquire(wait=spec.lease.wait)
-        inputs = count_input_rows(prepared)
+        inputs = KINDS[spec.kind].count_inputs(prepared)
         check_resumable(spec, prepared)
         before = reconcile_run(spec, prepared)
         if len(before.weights_hashes) > 1:
@@ -627,27 +392,9 @@ def summarize(
 
 
 def describe_plan(spec: JobSpec) -> str:
-    """The stages a job would run and their resources, for --dry-run (no I/O, no Ray)."""
-    res = spec.resources
-    low, high = res.pool_size()
-    gpus = "auto (1 if the cluster has GPUs, else 0)" if res.gpus_per_actor is None else res.gpus_per_actor
-    pool = f"{low}" if low == high else f"{low}-{high} (autoscaling)"
+    """The stages a job would run and their resources, for --dry-run (no I/O, no Ray): the plan lines of the
+    stages that build_pipeline runs, and the write."""
     run_dir = join(spec.output.path, spec.run_id or "<new run id>")
-    if isinstance(spec, SynthesizeJob):
-        source = spec.input.path if spec.input else "built-in prompts"
-        steps = [
-            f"read      Parquet prompts from {source} (resume key: row_hash)",
-            f"prepare   check prompts and ids (CPU tasks, {res.cpus_per_task} CPU each)",
-            f"generate  {spec.images_per_prompt} images per prompt, {res.batch_size} prompts per call "
-            f"({pool} actors x {gpus} GPU, {res.cpus_per_actor} CPU)",
-            f"encode    {spec.output.image_format} (CPU tasks)",
-        ]
-    else:
-        steps = [
-            f"read      {spec.input.format} from {spec.input.path}",
-            f"prepare   fetch, decode, resize/pad images (CPU tasks, {res.cpus_per_task} CPU each)",
-            f"{spec.task:<9} {res.batch_size} images per call, up to {spec.max_new_tokens} new tokens "
-            f"({pool} actors x {gpus} GPU, {res.cpus_per_actor} CPU)",
-        ]
+    steps = [f"{stage.name:<9} {stage.plan}" for stage in KINDS[spec.kind].stages(spec)]
     steps.append(f"write     {spec.output.format} to {run_dir}/data ({spec.output.rows_per_file} rows per file)")
     return "\n".join(f"  {i + 1}. {s}" for i, s in enumerate(steps))

@@ -1,4 +1,5 @@
-"""Job specifications: what a batch job reads, which model it runs, with what resources, where it writes.
+"""Job specifications: which model a batch job runs, with what resources, where it writes. What it reads and its
+options are its kind's (SynthesizeJob in synthesize.py, CaptionJob in caption.py), on top of JobSpec.
 
 Pydantic models, so a YAML file, CLI flags and Python code all build the same validated object, and a
 mistake is reported with the field's name before anything runs.
@@ -13,7 +14,6 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
-from janus_batch.io.schemas import ROW_HASH, understanding_schema
 from janus_batch.io.storage import StorageConfig, join
 from janus_batch.io.writers import OutputFormat
 
@@ -109,6 +109,10 @@ class LeaseSpec(Spec):
 
 
 class JobSpec(Spec):
+    """What every job has; a kind's spec adds `kind: Literal[NAME]` (its name in registry.KINDS), its input and
+    its options."""
+
+    kind: str
     model: ModelSpec = Field(default_factory=ModelSpec)
     resources: ResourceSpec = Field(default_factory=ResourceSpec)
     output: OutputSpec = Field(default_factory=OutputSpec)
@@ -128,6 +132,7 @@ class JobSpec(Spec):
 
     @property
     def outputs_per_input(self) -> int:
+        """Output rows an input makes when it succeeds (one, its error row, when it fails)."""
         return 1
 
     @field_validator("run_id")
@@ -158,105 +163,3 @@ class JobSpec(Spec):
             if data["storage"].get(name):
                 data["storage"][name] = "***"
         return data
-
-
-class PromptInput(Spec):
-    path: str = Field(description="Parquet file or folder, local or s3://")
-    prompt_column: str = "prompt"
-    id_column: str | None = Field("prompt_id", description="None: the prompt text is the id")
-    check_duplicate_ids: bool = Field(
-        True, description="report rows sharing an id (or, without id_column, a prompt text): one pass over that column"
-    )
-
-
-class SynthesizeJob(JobSpec):
-    kind: Literal["synthesize"] = "synthesize"
-    input: PromptInput | None = Field(None, description="None: a small built-in prompt set")
-    images_per_prompt: int = Field(16, ge=1, le=1024)
-    cfg_weight: float = 5.0
-    temperature: float = Field(1.0, ge=0)
-    top_k: int | None = Field(None, ge=1)
-    top_p: float | None = Field(None, gt=0, le=1)
-    seed: int = 0
-    greedy: bool = False
-
-    @property
-    def outputs_per_input(self) -> int:
-        return self.images_per_prompt
-
-    @model_validator(mode="after")
-    def check_block_size(self) -> SynthesizeJob:
-        # All images of a prompt must land in one write task (one commit); Ray Data splits blocks larger
-        # than the context's target_max_block_size, which the job raises to 1 GiB: keep a batch below it.
-        if self.resources.batch_size * self.images_per_prompt > 1024:
-            raise ValueError(
-                f"batch_size x images_per_prompt = {self.resources.batch_size * self.images_per_prompt} images "
-                "per model call; keep it <= 1024"
-            )
-        return self
-
-
-class ImageInput(Spec):
-    path: str = Field(description="Parquet file or folder, or a folder of image files; local or s3://")
-    format: Literal["parquet", "images"] = "parquet"
-    image_column: str | None = Field("image", description="encoded bytes, or a {bytes, path} struct (HF Image)")
-    image_uri_column: str | None = Field(None, description="local path or s3:// URI per row (instead of bytes)")
-    id_column: str | None = Field("image_id", description="passed through to the output; None: none")
-    question_column: str | None = Field(None, description="VQA: the question per row")
-    check_duplicate_ids: bool = True
-    max_image_bytes: int = Field(32 * 2**20, ge=1)
-
-    @model_validator(mode="after")
-    def one_image_source(self) -> ImageInput:
-        if self.format == "images":
-            return self.model_copy(update=dict(image_column=None, image_uri_column=None, id_column=None))
-        if self.image_uri_column is not None:
-            return self.model_copy(update=dict(image_column=None))
-        if self.image_column is None:
-            raise ValueError("set image_column (bytes) or image_uri_column (paths / URIs)")
-        return self
-
-
-class CaptionJob(JobSpec):
-    """Captioning, or visual question answering with task='vqa' (a question per row)."""
-
-    kind: Literal["caption"] = "caption"
-    task: Literal["caption", "vqa"] = "caption"
-    input: ImageInput
-    instruction: str = Field("Describe this image in detail.", min_length=1)
-    max_new_tokens: int = Field(128, ge=1)
-    greedy: bool = True
-    temperature: float = Field(1.0, ge=0)
-    seed: int = 0
-
-    @field_validator("instruction")
-    @classmethod
-    def check_instruction(cls, instruction: str) -> str:
-        if not instruction.strip():
-            raise ValueError("instruction is empty")
-        return instruction
-
-    @model_validator(mode="after")
-    def check_task(self) -> CaptionJob:
-        if self.task == "vqa" and self.input.format == "images":
-            raise ValueError("task 'vqa' needs a question per row: use Parquet input with input.question_column")
-        if self.task == "vqa" and self.input.question_column is None:
-            raise ValueError("task 'vqa' needs input.question_column (the question per row)")
-        if self.output.format == "files":
-            raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
-        if self.task == "caption" and self.input.question_column is not None:
-            raise ValueError("input.question_column is set: use task 'vqa' to answer questions")
-        # Passed-through columns keep their names: one named like an output column would collide with it.
-        outputs = understanding_schema(ROW_HASH, [], self.text_column).names
-        for field in ("id_column", "image_uri_column"):
-            name = getattr(self.input, field)
-            if name in outputs:
-                raise ValueError(
-                    f"input.{field} {name!r} is passed through to the output, which has its own {name!r} column; "
-                    f"use another column (output columns: {', '.join(outputs)})"
-                )
-        return self
-
-    @property
-    def text_column(self) -> str:
-        return "answer" if self.task == "vqa" else "caption"
