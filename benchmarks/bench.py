@@ -1,6 +1,7 @@
 """Janus throughput, in one process: the janus-batch engine, transformers' generate and DeepSeek's reference loop.
 
-Random weights at the real Janus-Pro dims, built on the device (no downloads), or the tiny model:
+Random weights at the real Janus-Pro dims (janus_batch/model/random_init.py), built on the device (no downloads), or
+the tiny model:
 
     python -m benchmarks.bench --model 7b                     # GPU: synthesis, captioning, greedy agreement
     python -m benchmarks.bench --model 1b --task generate
@@ -35,18 +36,11 @@ import numpy as np
 import torch
 import transformers
 from PIL import Image
-from transformers import (
-    JanusConfig,
-    JanusForConditionalGeneration,
-    JanusImageProcessorPil,
-    JanusProcessor,
-    StaticCache,
-)
+from transformers import StaticCache
 
-from janus_batch.engine import JanusEngine, decoder
-from janus_batch.engine.engine import generation_prompt, understanding_prompt
+from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder, memory
 from janus_batch.engine.images import normalize
-from janus_batch.model.tiny import build_tiny_model
+from janus_batch.model.random_init import SIZES, build_random_model, weight_bytes
 from tests.reference import reference_generate
 
 PROMPT = "A stunning princess from kabul in red, white traditional clothing, blue eyes, brown hair"
@@ -63,52 +57,7 @@ CAPTION_BASELINE_IMAGES = 2
 # transformers' best batches on an H100 (../shared/DESIGN.md section 3); the tiny model: images_per_prompt.
 HF_BEST_ROWS = {"generate": {"7b": 64, "1b": 128}, "caption": {"7b": 128, "1b": 128}}
 
-# Janus-Pro LLM dims (DeepSeek's configs): layers, hidden, heads, FFN.
-LLM_DIMS = {"1b": (24, 2048, 16, 5632), "7b": (30, 4096, 32, 11008)}
-
 T = TypeVar("T")
-
-
-def janus_pro_config(size: str) -> JanusConfig:
-    layers, hidden, heads, ffn = LLM_DIMS[size]
-    text = transformers.LlamaConfig(
-        vocab_size=102400,
-        hidden_size=hidden,
-        intermediate_size=ffn,
-        num_hidden_layers=layers,
-        num_attention_heads=heads,
-        num_key_value_heads=heads,
-        max_position_embeddings=16384,
-        bos_token_id=0,
-        eos_token_id=1,
-        pad_token_id=2,
-        tie_word_embeddings=False,
-    )
-    vision = dict(hidden_size=1024, num_hidden_layers=24, num_attention_heads=16, image_size=384, patch_size=16)
-    vision.update(projection_dim=hidden, num_image_tokens=576, depth=2)
-    vq = dict(embed_dim=8, num_embeddings=16384, projection_dim=hidden, image_token_embed_dim=hidden)
-    return JanusConfig(text_config=text.to_dict(), vision_config=vision, vq_config=vq, tie_word_embeddings=False)
-
-
-def build_model(size: str, device: torch.device, dtype: torch.dtype, quick: bool = False):
-    """A random Janus at real dims with the tiny model's tokenizer, or the tiny model (64 px when quick)."""
-    if size == "tiny":
-        model, processor = build_tiny_model(64 if quick else 384)
-        return model.to(device, dtype).eval(), processor
-    _, tiny = build_tiny_model(64)
-    image_processor = JanusImageProcessorPil(
-        size={"height": 384, "width": 384}, image_mean=[0.5] * 3, image_std=[0.5] * 3
-    )
-    processor = JanusProcessor(image_processor=image_processor, tokenizer=tiny.tokenizer, num_image_tokens=576)
-    config = janus_pro_config(size)
-    config.image_token_id = processor.tokenizer.convert_tokens_to_ids("<image_placeholder>")
-    torch.manual_seed(0)
-    previous = torch.get_default_dtype()
-    torch.set_default_dtype(dtype)
-    with torch.device(device):
-        model = JanusForConditionalGeneration(config).eval()
-    torch.set_default_dtype(previous)
-    return model, processor
 
 
 def sync(device: torch.device) -> None:
@@ -200,10 +149,6 @@ def attempt(errors: list[str], what: str, fn: Callable[..., T], *args) -> T | No
         return None
 
 
-def weight_bytes(module: torch.nn.Module) -> int:
-    return sum(p.numel() * p.element_size() for p in module.parameters())
-
-
 def decoder_bytes(engine: JanusEngine) -> int:
     """Weights a decode step reads: the decoder layers and norm (an embedding lookup reads one row, not the table)."""
     return weight_bytes(engine.lm) - weight_bytes(engine.lm.embed_tokens)
@@ -240,31 +185,59 @@ def caption_roofline(
 Measurement = tuple[str, Callable[[], Row]]
 
 
-def engine_modes(engine: JanusEngine) -> list[tuple[str, bool]]:
-    """(name, cuda_graphs) of the engine's modes: on a GPU with CUDA graphs, then eager; eager alone on CPU.
-    One engine, one KV cache: a second engine would plan its cache in what the first one left."""
-    return [("CUDA graphs", True), ("eager", False)] if engine.device.type == "cuda" else [("eager", False)]
+# The engine in each of its modes, by name: on a GPU with CUDA graphs, then eager; eager alone on CPU.
+Engines = dict[str, JanusEngine]
 
 
-def engine_rows(engine: JanusEngine, task: str, items: int, steps: int, per_batch: int, run) -> Iterator[Measurement]:
-    """The engine's rows of a task: the first mode after a warm-up run of the same batches (kernels, KV cache
-    allocation, graph capture); eager after it needs none (the same kernels and cache, no capture)."""
-    engine.release_kv()  # an empty allocator cache: the peak memory held is the engine's alone
-    for i, (mode, graphs) in enumerate(engine_modes(engine)):
-        engine.cuda_graphs = graphs  # a measurement runs before its plan resumes
+def mode_engines(model, processor, **settings) -> Engines:
+    """An engine per mode, on the same model with the same settings. One holds a KV cache at a time (`release`
+    before each run), so each plans its cache in the same memory."""
+    on_gpu = next(model.parameters()).device.type == "cuda"
+    modes = {"CUDA graphs": True, "eager": False} if on_gpu else {"eager": False}
+    return {mode: JanusEngine(model, processor, cuda_graphs=graphs, **settings) for mode, graphs in modes.items()}
+
+
+def release(engines: Engines) -> None:
+    """Free every engine's KV cache and CUDA graphs (and the allocator's cache): the next run's peak memory is its
+    own alone."""
+    for engine in engines.values():
+        engine.memory.release()
+
+
+def kv_slots_now(engines: Engines) -> int | None:
+    """The KV cache slots of the engine holding one now (the last to run): fewer than planned once an out-of-memory
+    retry has cut it. None on CPU, where no budget sizes the cache."""
+    return next((e.memory.capacity for e in engines.values() if e.memory.kv is not None), None)
+
+
+def engine_rows(
+    engines: Engines, task: str, items: int, steps: int, per_batch: int, run: Callable[[JanusEngine], object]
+) -> Iterator[Measurement]:
+    """The engines' rows of a task, `run(engine)` each: the first mode after a warm-up run of the same batches
+    (kernels, KV cache allocation, graph capture); eager after it needs none (the same kernels, no capture)."""
+    for i, (mode, engine) in enumerate(engines.items()):
+        release(engines)  # a measurement runs before its plan resumes
         impl = f"janus-batch engine, {mode}, {per_batch}/batch"
-        yield impl, partial(timed, task, f"engine {mode}", impl, items, steps, engine.device, run, i == 0)
+        yield (
+            impl,
+            partial(timed, task, f"engine {mode}", impl, items, steps, engine.device, partial(run, engine), i == 0),
+        )
+    release(engines)  # the engine's KV cache takes most of the GPU
 
 
-def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf_rows: int) -> Iterator[Measurement]:
+def bench_generate(engines: Engines, prompts: int, images_per_prompt: int, hf_rows: int) -> Iterator[Measurement]:
+    engine = next(iter(engines.values()))
     model, n, device = engine.model, engine.num_gen_tokens, engine.device
-    ids = engine.encode(generation_prompt(PROMPT))
+    ids = engine.generation_ids(PROMPT)
     batch = [PROMPT + f" #{i}" for i in range(prompts)]
     images = prompts * images_per_prompt
-    per_batch = engine.batch_size(images, 2, len(ids) + n)
-    run = partial(engine.generate_images, batch, images_per_prompt=images_per_prompt)
-    yield from engine_rows(engine, "generate", images, n * -(-images // per_batch), per_batch, run)
-    engine.release_kv()  # the engine's KV cache takes most of the GPU
+    per_batch = engine.memory.batch_size(images, 2, len(ids) + n)
+    sampling = ImageSampling(images_per_prompt=images_per_prompt)  # CFG 5, temperature 1: DeepSeek's defaults
+
+    def run(engine: JanusEngine) -> list:
+        return engine.generate_images(batch, sampling)
+
+    yield from engine_rows(engines, "generate", images, n * -(-images // per_batch), per_batch, run)
 
     input_ids = torch.tensor([ids] * (hf_rows // images_per_prompt), device=device)
 
@@ -297,13 +270,14 @@ def bench_generate(engine: JanusEngine, prompts: int, images_per_prompt: int, hf
     )
 
 
-def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: int) -> Iterator[Measurement]:
+def bench_caption(engines: Engines, images: int, hf_rows: int, new_tokens: int) -> Iterator[Measurement]:
+    engine = next(iter(engines.values()))
     model, device = engine.model, engine.device
     rng = np.random.default_rng(0)
     distinct = [Image.fromarray(rng.integers(0, 256, (480, 640, 3), dtype=np.uint8)) for _ in range(8)]
     prepared = [engine.prepare_image(im) for im in distinct]
     pixels = [prepared[i % len(prepared)] for i in range(max(images, hf_rows))]
-    prompt = engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt))
+    prompt = engine.understanding_ids(QUESTION)
 
     def hf_caption(batch: int, count: int):
         def run():
@@ -324,15 +298,14 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
 
         return run
 
-    per_batch = engine.batch_size(images, 1, len(prompt) + new_tokens)
-    run = partial(engine.understand, pixels[:images], [QUESTION] * images, max_new_tokens=new_tokens)
-    eos = engine.eos_id
-    engine.eos_id = -1  # random weights: never stop early, so every implementation makes new_tokens tokens
-    try:
-        yield from engine_rows(engine, "caption", images, new_tokens * -(-images // per_batch), per_batch, run)
-    finally:
-        engine.eos_id = eos
-        engine.release_kv()  # its CUDA graphs were captured with no EOS; the KV cache takes most of the GPU
+    per_batch = engine.memory.batch_size(images, 1, len(prompt) + new_tokens)
+    # Random weights: never stop early, so every implementation makes new_tokens tokens.
+    sampling = TextSampling(max_new_tokens=new_tokens, ignore_eos=True)
+
+    def run(engine: JanusEngine) -> list:
+        return engine.understand(pixels[:images], [QUESTION] * images, sampling)
+
+    yield from engine_rows(engines, "caption", images, new_tokens * -(-images // per_batch), per_batch, run)
     impl = f"transformers generate, {hf_rows}/call"
     yield (
         impl,
@@ -343,20 +316,22 @@ def bench_caption(engine: JanusEngine, images: int, hf_rows: int, new_tokens: in
     yield impl, partial(timed, "caption", "reference", impl, one, new_tokens * one, device, hf_caption(1, one))
 
 
-def greedy_agreement(engine: JanusEngine, prompts: list[str], errors: list[str]) -> dict[str, dict | None]:
+def greedy_agreement(engines: Engines, prompts: list[str], errors: list[str]) -> dict[str, dict | None]:
     """Greedy image tokens against DeepSeek's reference loop on the same model, one image per prompt (prompts of
     different lengths share the engine's batch): per engine mode, the share of equal tokens and the step of each
     image's first difference. In bf16 a kernel's rounding can flip a near tie, and the image goes another way
     from there. 'reference, 2/call' measures that effect alone: the reference loop against itself at another
     batch shape (the first prompt only: the loop is slow)."""
-    ids = [engine.encode(generation_prompt(p)) for p in prompts]
-    engine.release_kv()  # the engine's KV cache takes most of the GPU
+    engine = next(iter(engines.values()))
+    ids = [engine.generation_ids(p) for p in prompts]
+    release(engines)  # the engine's KV cache takes most of the GPU
     want = torch.cat([reference_generate(engine.model, i, engine.pad_id, 1, 5.0, greedy=True)[0] for i in ids])
     again = reference_generate(engine.model, ids[0], engine.pad_id, 2, 5.0, greedy=True)[0][:1]
     agreement = {"reference, 2/call": compare_tokens(again, want[:1])}
-    for mode, graphs in engine_modes(engine):
-        engine.cuda_graphs = graphs
-        got = attempt(errors, f"engine, {mode}", engine.generate_image_tokens, ids, [0] * len(ids), 5.0, 0.0)
+    greedy = ImageSampling(images_per_prompt=1, cfg_weight=5.0, greedy=True)
+    for mode, engine in engines.items():
+        release(engines)
+        got = attempt(errors, f"engine, {mode}", engine.generate_image_tokens, ids, [0] * len(ids), greedy)
         agreement[mode] = None if got is None else compare_tokens(got.cpu(), want)
     return agreement
 
@@ -384,13 +359,13 @@ def memory_plan(engine: JanusEngine) -> dict[str, float | int | None]:
         return plan
     gib = 2**-30
     total = torch.cuda.mem_get_info(engine.device)[1]
-    slots = engine.kv_capacity()
+    slots = engine.memory.capacity
     plan.update(
         gpu_total_gib=total * gib,
-        budget_gib=engine.gpu_memory_utilization * total * gib,
+        budget_gib=engine.memory.gpu_memory_utilization * total * gib,
         weights_gib=weight_bytes(engine.model) * gib,
         kv_cache_gib=slots * decoder.bytes_per_slot(engine.lm, engine.dtype) * gib,
-        workspace_estimate_gib=engine.workspace_bytes(slots) * gib,
+        workspace_estimate_gib=memory.workspace_bytes(engine.model, engine.dtype, engine.vq_batch, slots) * gib,
         kv_slots_planned=slots,
     )
     return plan
@@ -419,7 +394,7 @@ def with_ratios(rows: list[Row], rooflines: dict[str, float]) -> list[dict]:
 
 def main(argv: list[str] | None = None) -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--model", choices=["tiny", "1b", "7b"], default="tiny")
+    parser.add_argument("--model", choices=SIZES, default="tiny")
     parser.add_argument("--task", nargs="+", choices=TASKS, default=TASKS, help="what to run (agreement last)")
     parser.add_argument("--rows", type=int, default=None, help="engine max_batch_rows (default: GPU memory; 16 CPU)")
     parser.add_argument("--prompts", type=int, default=None, help="prompts in the engine run (default: 1 batch)")
@@ -437,15 +412,16 @@ def main(argv: list[str] | None = None) -> None:
 
     transformers.logging.set_verbosity_error()
     start = time.perf_counter()
-    model, processor = build_model(args.model, device, dtype, args.quick)
+    model, processor = build_random_model(args.model, device, dtype, args.quick)
     rows = args.rows or (None if device.type == "cuda" else 16)
     # A prompt's images are VQ-decoded together (16 images, the engine's default, on a GPU; 4 in the quick run).
-    engine = JanusEngine(model, processor, max_batch_rows=rows, vq_batch=images_per_prompt)
+    engines = mode_engines(model, processor, max_batch_rows=rows, vq_batch=images_per_prompt)
+    engine = next(iter(engines.values()))  # the plan and the rooflines: every mode's are the same
     bandwidth, flops = measure_bandwidth(device), measure_matmul(device, dtype)
-    prompt_len = len(engine.encode(generation_prompt(PROMPT)))
-    caption_len = len(engine.encode(understanding_prompt(QUESTION, engine.num_image_tokens, engine.system_prompt)))
-    image_batch = engine.batch_limit(2, prompt_len + engine.num_gen_tokens)
-    caption_batch = engine.batch_limit(1, caption_len + new_tokens)
+    prompt_len = len(engine.generation_ids(PROMPT))
+    caption_len = len(engine.understanding_ids(QUESTION))
+    image_batch = engine.memory.batch_limit(2, prompt_len + engine.num_gen_tokens)
+    caption_batch = engine.memory.batch_limit(1, caption_len + new_tokens)
     # One full batch at most: one image more would split the run into two smaller batches.
     prompts = args.prompts or (2 if args.quick else max(1, image_batch // images_per_prompt))
     captions = args.captions or (4 if args.quick else caption_batch)
@@ -466,8 +442,8 @@ def main(argv: list[str] | None = None) -> None:
         )
 
     # The rooflines at the forward batch the engine runs.
-    image_rows = engine.batch_size(prompts * images_per_prompt, 2, prompt_len + engine.num_gen_tokens)
-    caption_rows = engine.batch_size(captions, 1, caption_len + new_tokens)
+    image_rows = engine.memory.batch_size(prompts * images_per_prompt, 2, prompt_len + engine.num_gen_tokens)
+    caption_rows = engine.memory.batch_size(captions, 1, caption_len + new_tokens)
     rooflines = {
         "generate": generation_roofline(engine, image_rows, prompt_len, bandwidth),
         "caption": caption_roofline(engine, caption_rows, caption_len, new_tokens, bandwidth, flops),
@@ -497,8 +473,8 @@ def main(argv: list[str] | None = None) -> None:
                 json.dump(result, f, indent=1)
 
     plans = {
-        "generate": lambda: bench_generate(engine, prompts, images_per_prompt, hf_rows["generate"]),
-        "caption": lambda: bench_caption(engine, captions, hf_rows["caption"], new_tokens),
+        "generate": lambda: bench_generate(engines, prompts, images_per_prompt, hf_rows["generate"]),
+        "caption": lambda: bench_caption(engines, captions, hf_rows["caption"], new_tokens),
     }
     write_json()
     row_tasks = [task for task in ("generate", "caption") if task in args.task]
@@ -515,7 +491,9 @@ def main(argv: list[str] | None = None) -> None:
                     flush=True,
                 )
             # Below the plan: never out of memory at the planned batch (an OOM retry cuts the KV cache).
-            result["memory"]["kv_slots_after"] = engine.kv_cache_tokens
+            slots, after = kv_slots_now(engines), result["memory"]["kv_slots_after"]
+            if slots is not None:
+                result["memory"]["kv_slots_after"] = slots if after is None else min(slots, after)
             write_json()
     for row in with_ratios(rows, rooflines):
         if row["kind"].startswith("engine"):
@@ -528,7 +506,7 @@ def main(argv: list[str] | None = None) -> None:
     if "agreement" in args.task:
         prompts_compared = AGREEMENT_PROMPTS[: args.agreement_prompts]
         result["greedy_token_agreement"] = attempt(
-            errors, "greedy agreement", greedy_agreement, engine, prompts_compared, errors
+            errors, "greedy agreement", greedy_agreement, engines, prompts_compared, errors
         )
         print(f"greedy image tokens equal to the reference loop's (1/call, {len(prompts_compared)} prompts):")
         for name, line in (result["greedy_token_agreement"] or {}).items():

@@ -26,11 +26,11 @@ IMAGES_PER_PROMPT = 16
 def write_checkpoint(size: str, out: Path, quick: bool) -> None:
     import torch
 
-    from benchmarks.bench import build_model
+    from janus_batch.model.random_init import build_random_model
 
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
-    model, processor = build_model(size, device, dtype, quick)
+    model, processor = build_random_model(size, device, dtype, quick)
     model.save_pretrained(out)
     processor.save_pretrained(out)
 
@@ -52,15 +52,15 @@ def first_batch(source: str) -> dict:
     import torch
 
     from benchmarks.bench import PROMPT
-    from janus_batch.engine import JanusEngine
-    from janus_batch.engine.engine import generation_prompt
+    from janus_batch.engine import ImageSampling, JanusEngine
 
     start = time.perf_counter()
     engine = JanusEngine.from_pretrained(source)
     loaded = time.perf_counter()
-    length = len(engine.encode(generation_prompt(PROMPT))) + engine.num_gen_tokens
-    prompts = max(1, engine.batch_limit(2, length) // IMAGES_PER_PROMPT)
-    images = engine.generate_images([PROMPT] * prompts, prompt_ids=range(prompts), images_per_prompt=IMAGES_PER_PROMPT)
+    length = len(engine.generation_ids(PROMPT)) + engine.num_gen_tokens
+    prompts = max(1, engine.memory.batch_limit(2, length) // IMAGES_PER_PROMPT)
+    sampling = ImageSampling(images_per_prompt=IMAGES_PER_PROMPT)
+    images = engine.generate_images([PROMPT] * prompts, sampling, prompt_ids=range(prompts))
     if engine.device.type == "cuda":
         torch.cuda.synchronize()
     done = time.perf_counter()

@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 
 from benchmarks import device_check
-from janus_batch.engine.engine import CPU_BATCH_ROWS
+from janus_batch.engine.memory import CPU_BATCH_ROWS
 
 ROOT = Path(__file__).resolve().parents[1]
 

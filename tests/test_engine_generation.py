@@ -15,11 +15,11 @@ import pytest
 import torch
 from PIL import Image
 
-from benchmarks.bench import build_model, weight_bytes
 from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder, memory
 from janus_batch.engine.engine import STOP_CHECK_EVERY
 from janus_batch.engine.prompts import generation_prompt, understanding_prompt
 from janus_batch.engine.sampling import gumbel_noise, id32, row_key, vocab_codes
+from janus_batch.model.random_init import build_random_model, weight_bytes
 from janus_batch.model.tiny import build_tiny_model
 from tests.reference import (
     first_step_distribution,
@@ -493,7 +493,7 @@ def test_kv_cache_plan_for_janus_pro_on_an_80_gb_gpu(monkeypatch, size, images, 
     # The planner's arithmetic on the real configs (weights on the meta device: no memory), with the CUDA memory
     # queries answering as an 80 GB card holding the bf16 weights would. The batch sizes are the predictions
     # in benchmarks/RESULTS.md.
-    model, processor = build_model(size, torch.device("meta"), torch.bfloat16)
+    model, processor = build_random_model(size, torch.device("meta"), torch.bfloat16)
     engine = JanusEngine(model, processor)
     weights = weight_bytes(model)
     total = 80 * 2**30
