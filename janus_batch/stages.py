@@ -85,10 +85,10 @@ def short(value: object, limit: int = 80) -> str:
 
 def is_device_failure(e: BaseException) -> bool:
     """Out of device memory, or an error of the device's runtime: the device's problem, not the row's. Known by
-    type, as torch raises them (>= 2.8): torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class),
-    and torch.AcceleratorError, which every failed CUDA runtime call raises (C10_CUDA_CHECK; HIP and XPU too).
-    Never by message: a row's own error may quote any text. A CUDA library's failed status (cuBLAS, cuDNN) is a
-    plain RuntimeError that torch gives no type to tell apart, so it counts as the row's, like any other."""
+    type, as torch (>= 2.8) raises them: torch.OutOfMemoryError (torch.cuda.OutOfMemoryError is the same class),
+    and torch.AcceleratorError, which a failed CUDA runtime call raises (C10_CUDA_CHECK: an illegal memory access,
+    a launch failure, ...). Never by message: a row's own error may quote any text. A CUDA library's failed status
+    (cuBLAS, cuDNN) is a plain RuntimeError that torch gives no type to tell apart: it counts as the row's."""
     import torch
 
     return isinstance(e, (torch.OutOfMemoryError, torch.AcceleratorError))
@@ -97,8 +97,8 @@ def is_device_failure(e: BaseException) -> bool:
 def results_per_row(call: Callable[[list], list], rows: list) -> tuple[list, list[str | None]]:
     """(results, errors) of `call(rows)`, one result per row. When the batch fails, each row is tried alone: a
     failure that only some rows cause is pinned on them (result None, error set) and the others still get their
-    results. A device failure of a row is raised, so that Ray retries the task (restarting the actor) instead of
-    committing the rows as errors (is_device_failure)."""
+    results. A device failure of a row is raised (is_device_failure): the task fails, and with it the job, with
+    the block's rows uncommitted, so a rerun of the run id makes them, instead of keeping them as errors."""
     if not rows:
         return [], []
     try:

@@ -1,6 +1,6 @@
-"""Fault isolation in the model stages, called in-process (no Ray): a row's own failure becomes that row's error,
-a device failure fails the call (Ray then retries the task on a restarted actor) instead of committing every row
-of the block as an error."""
+"""Fault isolation in the model stages, called in-process (no Ray): a row's own failure becomes that row's error;
+a device failure fails the call (so its task, and the job, to be resumed) instead of committing every row of the
+block as an error, which a rerun would keep."""
 
 from __future__ import annotations
 
