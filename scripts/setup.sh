@@ -26,3 +26,12 @@ if [ -n "${COMPAT:-}" ]; then
   # Over the pin on purpose (pip warns about it): transformers 5.17 wants huggingface_hub < 2.
   "$VENV/bin/python" -m pip install -q "transformers==5.17.0" "huggingface_hub<2"
 fi
+
+# tests/test_report.py opens the run report in a real headless browser: Debian's chromium (CI runs as root).
+if [ -z "${COMPAT:-}" ] && ! command -v chromium >/dev/null 2>&1; then
+  if [ "$(id -u)" = 0 ] && command -v apt-get >/dev/null 2>&1; then
+    apt-get update -qq >/dev/null && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq chromium >/dev/null
+  else
+    echo "setup.sh: chromium is missing (the report test needs it): apt-get install chromium" >&2
+  fi
+fi
