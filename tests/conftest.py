@@ -1,10 +1,9 @@
-"""Session fixtures shared by all test modules: the tiny checkpoints and a local S3 server."""
+"""Fixtures shared by the test modules: the tiny checkpoints, an engine on the tiny model and a local S3 server."""
 
 from __future__ import annotations
 
 import itertools
 import logging
-import socket
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -13,7 +12,9 @@ import pytest
 import s3fs
 from moto.server import ThreadedMotoServer
 
-from janus_batch.model.tiny import write_tiny_model
+from janus_batch.engine import JanusEngine
+from janus_batch.model.tiny import build_tiny_model, write_tiny_model
+from tests.helpers import free_port
 
 
 @pytest.fixture(scope="session")
@@ -26,6 +27,14 @@ def tiny_model_dir(tmp_path_factory) -> Path:
 def tiny_model_dir_384(tmp_path_factory) -> Path:
     """The tiny checkpoint at the real 384x384 geometry (576 image tokens). Read-only."""
     return write_tiny_model(tmp_path_factory.mktemp("tiny-janus-384"), image_size=384)
+
+
+@pytest.fixture(scope="module")
+def engine() -> JanusEngine:
+    """An engine on the tiny 64x64 model (CPU, default settings), one per test module: tests may change its
+    memory state (KV cache, kept batch shapes)."""
+    model, processor = build_tiny_model(64)
+    return JanusEngine(model, processor)
 
 
 @dataclass(frozen=True)
@@ -70,12 +79,6 @@ class S3Server:
 
 
 _bucket_numbers = itertools.count()
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture(scope="session")

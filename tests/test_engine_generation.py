@@ -41,12 +41,6 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def engine() -> JanusEngine:
-    model, processor = build_tiny_model(64)
-    return JanusEngine(model, processor)
-
-
 def prompt_ids(engine: JanusEngine, prompt: str, prompt_format: str = "janus-pro") -> list[int]:
     """The prompt as DeepSeek's generation_inference.py tokenises it (reference.py, not the engine's helpers)."""
     return generation_ids(engine.tokenizer, prompt, prompt_format)

@@ -3,8 +3,6 @@
 
 from __future__ import annotations
 
-import io
-
 import numpy as np
 import pytest
 import torch
@@ -13,14 +11,8 @@ from PIL import Image
 from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, JanusEngine, TextSampling, decoder, memory, sampling
 from janus_batch.engine.images import normalize
 from janus_batch.engine.prompts import understanding_prompt
-from janus_batch.model.tiny import build_tiny_model
+from tests.helpers import encoded
 from tests.reference import gof_pvalue, pad_id, truncated, understanding_ids
-
-
-@pytest.fixture(scope="module")
-def engine() -> JanusEngine:
-    model, processor = build_tiny_model(64)
-    return JanusEngine(model, processor)
 
 
 def sample_images() -> list[Image.Image]:
@@ -103,10 +95,8 @@ def test_janus_1_3b_questions_use_its_roles(engine):
 
 def test_accepts_bytes_pil_and_preprocessed_arrays(engine):
     image = sample_images()[0]
-    buf = io.BytesIO()
-    image.save(buf, format="PNG")
     as_pil, as_bytes, as_array = engine.understand(
-        [image, buf.getvalue(), engine.prepare_image(image)], None, TextSampling(max_new_tokens=6)
+        [image, encoded(image), engine.prepare_image(image)], None, TextSampling(max_new_tokens=6)
     )
     assert as_pil == as_bytes == as_array
     size = engine.image_size

@@ -5,7 +5,6 @@ tests/test_jobs_e2e.py::test_bad_row_corpus."""
 
 from __future__ import annotations
 
-import io
 import os
 import signal
 import struct
@@ -31,6 +30,7 @@ from janus_batch.io import readers
 from janus_batch.io.storage import StorageConfig, write_bytes
 from janus_batch.jobs import CaptionJob, SynthesizeJob, run
 from janus_batch.jobs.pipeline import prepare
+from tests.helpers import encoded
 from tests.jobs_data import SMALL_RESOURCES, prepared_images, sample_images, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -39,9 +39,7 @@ pytest_plugins = ["tests.jobs_fixtures"]
 def bmp_rejected_at_open() -> bytes:
     """A BMP with a compression PIL does not support: PIL's open raises a plain OSError, which a job took for
     a storage fault and retried forever."""
-    buffer = io.BytesIO()
-    Image.new("RGB", (8, 8), (1, 2, 3)).save(buffer, "BMP")
-    data = bytearray(buffer.getvalue())
+    data = bytearray(encoded(Image.new("RGB", (8, 8), (1, 2, 3)), "BMP"))
     data[30:34] = struct.pack("<I", 4)  # biCompression: JPEG-in-BMP
     return bytes(data)
 

@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -22,6 +21,7 @@ import pytest
 import ray
 
 from janus_batch.io.storage import fs_path
+from tests.helpers import free_port
 from tests.jobs_data import read_parquet_dir, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -101,12 +101,6 @@ def test_killed_job_resumes_exactly_once(ray_cluster, storage, bucket, tiny_mode
     third = subprocess.run(command, cwd=REPO, env=env, capture_output=True, text=True, timeout=300)
     assert third.returncode == 0, third.stderr[-3000:]
     assert read_parquet_dir(f"{run_dir}/data", storage).num_rows == 40
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 @pytest.fixture

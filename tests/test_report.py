@@ -30,6 +30,7 @@ from janus_batch.io.commits import RunFiles, index_rows, write_file
 from janus_batch.io.schemas import ROW_HASH, SYNTHESIZE, understanding_schema
 from janus_batch.io.storage import StorageConfig, fs_path
 from janus_batch.io.writers import RunWriter
+from tests.helpers import encoded
 
 CURATED = SYNTHESIZE.append(pa.field("alignment", pa.float32()))
 for _name, _type in [("aesthetic", pa.float32()), ("score", pa.float32()), ("rank", pa.int32())]:
@@ -41,9 +42,7 @@ FORMATS = ["parquet", "webdataset", "files"]
 
 def png(rng: np.random.Generator, size: int) -> bytes:
     """A noise image: many distinct colours, so a thumbnail shows on a screenshot."""
-    buffer = io.BytesIO()
-    Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)).save(buffer, "PNG")
-    return buffer.getvalue()
+    return encoded(Image.fromarray(rng.integers(0, 256, (size, size, 3), dtype=np.uint8)))
 
 
 def candidates(prompts: int, per_prompt: int, *, curated: bool = True, failed: int = 2, size: int = 64) -> pa.Table:

@@ -29,6 +29,7 @@ from ray.serve.schema import ServeDeploySchema
 
 from janus_batch.engine.options import ImageSampling
 from janus_batch.serve import GenerateJob, ServeArgs, build_app, read_auth_token, run_by_options
+from tests.helpers import encoded, free_port
 
 BATCH = 4  # max_batch_size of the test deployment
 BUCKET = "serve-out"
@@ -40,16 +41,8 @@ MAX_BUFFERED_BYTES = 2_500_000
 STALLED_BYTES = 300_000  # of the body each stalled client sends
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def b64_image(image: Image.Image, fmt: str = "PNG") -> str:
-    buffer = io.BytesIO()
-    image.save(buffer, format=fmt)
-    return base64.b64encode(buffer.getvalue()).decode()
+    return base64.b64encode(encoded(image, fmt)).decode()
 
 
 RNG = np.random.default_rng(0)
