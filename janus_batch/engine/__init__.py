@@ -17,3 +17,4 @@ __all__ = [
     "memory_share",
     "preprocess_image",
 ]
+from janus_batch.engine.scoring import ImageScore, ScoreOptions, Scorer  # noqa: F401 (exported)

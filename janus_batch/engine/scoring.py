@@ -65,8 +65,8 @@ class ScoreOptions(Options):
     )
     aesthetic_low: int = Field(1, ge=0, description="the scale's lowest rating")
     aesthetic_high: int = Field(9, ge=1, description="the scale's highest rating; every rating a single token")
-    alignment_weight: float = Field(1.0, ge=0, allow_inf_nan=False)
-    aesthetic_weight: float = Field(1.0, ge=0, allow_inf_nan=False, description="of the rating scaled to [0, 1]")
+    alignment_weight: float = Field(1.0, ge=0)
+    aesthetic_weight: float = Field(1.0, ge=0, description="of the rating scaled to [0, 1]")
 
     @field_validator("alignment_question")
     @classmethod
