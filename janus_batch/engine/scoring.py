@@ -148,7 +148,7 @@ class Scorer:
     """Scores images with an engine's model (see the module doc). Built once per engine and options: it checks
     the options against the tokenizer and tokenizes the image prefix and the rating question."""
 
-    def __init__(self, engine, options: ScoreOptions = ScoreOptions(), *, batch_rows: int = 16):  # noqa: B008 (frozen)
+    def __init__(self, engine, options: ScoreOptions = ScoreOptions(), *, batch_rows: int = 16):
         """`batch_rows`: images per forward batch (each holds a KV cache of about 650 slots at 384 px)."""
         self.engine, self.options, self.batch_rows = engine, options, batch_rows
         whole = understanding_prompt(
