@@ -21,10 +21,13 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
+from janus_batch.curation import Candidate, SelectionRule, select_candidates
 from janus_batch.engine import (
     ImageInputError,
     ImageSampling,
     JanusEngine,
+    ScoreOptions,
+    Scorer,
     TextSampling,
     decode_image,
     preprocess_image,
@@ -242,14 +245,23 @@ GENERATED = pa.schema(
 )
 
 
-def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | None, duplicates: set) -> pa.Table:
+def prepare_prompts(
+    batch: pa.Table,
+    *,
+    prompt_column: str,
+    id_column: str | None,
+    duplicates: set,
+    dropped: dict[int, str] | None = None,
+) -> pa.Table:
     """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing, mistyped or undecodable prompt or
     id, or an id shared with another row (without an id column: the same prompt text, which would make the same
-    images), get an error; the engine checks the prompt text itself later."""
+    images), get an error; the engine checks the prompt text itself later. `dropped`: row_hash -> why the row is
+    not generated (a duplicate prompt, see prompt_duplicates), before any other error of the row."""
     prompts = batch[prompt_column].to_pylist()
     ids = batch[id_column].to_pylist() if id_column else prompts
+    drops = [dropped.get(h) for h in batch["row_hash"].to_pylist()] if dropped else [None] * batch.num_rows
     out_prompts, out_ids, errors = [], [], []
-    for raw_prompt, raw_id in zip(prompts, ids, strict=True):
+    for raw_prompt, raw_id, drop in zip(prompts, ids, drops, strict=True):
         prompt, error = as_text("prompt", raw_prompt)
         pid = prompt
         if id_column:
@@ -259,7 +271,7 @@ def prepare_prompts(batch: pa.Table, *, prompt_column: str, id_column: str | Non
             error = f"duplicate {id_column or prompt_column} {short(pid)}: more than one input row has it"
         out_prompts.append(prompt)
         out_ids.append(pid)
-        errors.append(error)
+        errors.append(drop or error)
     return pa.table(
         {
             "row_hash": batch["row_hash"],
@@ -309,6 +321,119 @@ class Synthesizer(ModelStage):
         return [images[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
+# ---- curate: generate, score, select, caption in one model actor ------------------------------------------
+
+CURATED = pa.schema(
+    [
+        *GENERATED,
+        ("alignment", pa.float32()),
+        ("aesthetic", pa.float32()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+        ("kept", pa.bool_()),
+        ("caption", pa.string()),
+    ]
+)
+
+
+def candidate_key(row_hash: int, sample_index: int) -> str:
+    """The output key of image `sample_index` of an input row (its caption's random numbers are keyed on it)."""
+    return f"{row_key(row_hash)}_{sample_index:04d}"
+
+
+class Curator(ModelStage):
+    """Model stage of curation: (row_hash, prompt_id, prompt, error) -> a row per candidate image with its scores,
+    rank and `kept`, or one error row per prompt. Per call, on the actor's one model: generate the candidates,
+    score their uint8 pixels (no PNG round trip), select per prompt, caption the kept ones. Every candidate's row
+    leaves (a fixed count per input, which the commit protocol needs); with `write_all` False only the kept ones
+    carry their pixels. `caption_sampling` None: no captions."""
+
+    def __init__(
+        self,
+        *,
+        sampling: ImageSampling,
+        scores: ScoreOptions,
+        selection: SelectionRule,
+        caption_sampling: TextSampling | None,
+        caption_instruction: str,
+        write_all: bool,
+        **engine_args,
+    ):
+        super().__init__(**engine_args)
+        self.sampling, self.selection, self.write_all = sampling, selection, write_all
+        self.caption_sampling, self.caption_instruction = caption_sampling, caption_instruction
+        self.scorer = Scorer(self.engine, scores)  # refuses options the tokenizer cannot score
+        check = caption_sampling and self.engine.check_question(caption_instruction, caption_sampling.max_new_tokens)
+        if check:
+            raise ValueError(f"caption instruction: {check}")
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        rows = batch.to_pylist()
+        for row in rows:
+            if row[ERROR] is None:
+                row[ERROR] = self.engine.check_prompt(row["prompt"]) or self.scorer.check_prompt(row["prompt"])
+        good = [row for row in rows if row[ERROR] is None]
+        candidates, errors = results_per_row(self.curate, good)
+        for row, error in zip(good, errors, strict=True):
+            row[ERROR] = error
+        candidates_of = {row["row_hash"]: c for row, c in zip(good, candidates, strict=True)}
+
+        out = []
+        model = dict(model_id=self.engine.model_id, weights_hash=self.engine.weights_hash)
+        for row in rows:
+            base = dict(row_hash=row["row_hash"], prompt_id=row["prompt_id"], prompt=row["prompt"], **model)
+            if row[ERROR] is not None:
+                out.append(dict(base, error=row[ERROR]))
+                continue
+            out += [dict(base, **candidate) for candidate in candidates_of[row["row_hash"]]]
+        return pa.Table.from_pylist(out, schema=CURATED)
+
+    def curate(self, rows: list[dict]) -> list[list[dict]]:
+        """The candidate rows of each row's prompt: generated, scored, ranked, the kept ones captioned."""
+        n = self.sampling.images_per_prompt
+        prompts = [r["prompt"] for r in rows]
+        images = self.engine.generate_images(prompts, self.sampling, prompt_ids=[r["prompt_id"] for r in rows])
+        scores = self.scorer.score(np.stack([image.pixels for image in images]), [image.prompt for image in images])
+        selected = []
+        for p in range(len(rows)):
+            prompt_images, prompt_scores = images[p * n : (p + 1) * n], scores[p * n : (p + 1) * n]
+            candidates = [
+                Candidate(image.sample_index, score.alignment, score.aesthetic, score.combined)
+                for image, score in zip(prompt_images, prompt_scores, strict=True)
+            ]
+            selected += select_candidates(candidates, self.selection)
+        kept = [i for i, s in enumerate(selected) if s.kept]
+        captions = {}
+        if self.caption_sampling is not None and kept:
+            keys = [candidate_key(rows[i // n]["row_hash"], images[i].sample_index) for i in kept]
+            texts = self.engine.understand(
+                [images[i].pixels for i in kept],
+                None,
+                self.caption_sampling,
+                instruction=self.caption_instruction,
+                row_ids=keys,
+            )
+            captions = {i: text.text for i, text in zip(kept, texts, strict=True)}
+        out = []
+        for i, (image, score, (rank, is_kept)) in enumerate(zip(images, scores, selected, strict=True)):
+            height, width, _ = image.pixels.shape
+            out.append(
+                dict(
+                    sample_index=image.sample_index,
+                    pixels=image.pixels.tobytes() if is_kept or self.write_all else None,
+                    width=width,
+                    height=height,
+                    alignment=score.alignment,
+                    aesthetic=score.aesthetic,
+                    score=score.combined,
+                    rank=rank,
+                    kept=is_kept,
+                    caption=captions.get(i),
+                )
+            )
+        return [out[p * n : (p + 1) * n] for p in range(len(rows))]
+
+
 def encode_images(
     batch: pa.Table,
     *,
@@ -325,7 +450,7 @@ def encode_images(
     for row_hash, sample, pixels, width, height in zip(
         *(batch[c].to_pylist() for c in ("row_hash", "sample_index", "pixels", "width", "height")), strict=True
     ):
-        key = row_key(row_hash) + ("" if sample is None else f"_{sample:04d}")
+        key = row_key(row_hash) if sample is None else candidate_key(row_hash, sample)
         keys.append(key)
         if pixels is None:
             images.append(None)
@@ -367,10 +492,12 @@ def prepare_images(
     image_size: int,
     storage: StorageConfig,
     max_image_bytes: int,
+    question_name: str = "question",
 ) -> pa.Table:
     """Input rows -> (resume key, passthrough id columns, question, pixels, error): fetch, decode and
     preprocess each image as DeepSeek does; any failure of the row (missing file, bad path, not an image,
-    truncated, too large, ...) is its error. A fault of the store raises StorageUnavailable."""
+    truncated, too large, ...) is its error. A fault of the store raises StorageUnavailable. `question_name`:
+    what the question column holds, for its errors (scoring reads a prompt there)."""
     n = batch.num_rows
     ids = batch[id_column].to_pylist() if id_column else [None] * n
     questions = batch[question_column].to_pylist() if question_column else [None] * n
@@ -383,11 +510,11 @@ def prepare_images(
     pixels, texts, errors = [], [], []
     for source, image_id, raw_question in zip(sources, ids, questions, strict=True):
         error, array = None, None
-        question, question_error = as_text("question", raw_question) if question_column else (None, None)
+        question, question_error = as_text(question_name, raw_question) if question_column else (None, None)
         if id_column and image_id is not None and id_key(image_id) in duplicates:
             error = f"duplicate {id_column} {short(image_id)}: more than one input row has it"
         elif question_column:
-            error = question_error or (None if question.strip() else "empty question")
+            error = question_error or (None if question.strip() else f"empty {question_name}")
         if error is None:
             try:
                 array = load_image(source, image_uri_column, storage, max_image_bytes, image_size)
@@ -503,6 +630,50 @@ class Describer(ModelStage):
             ERROR: pa.array(errors, pa.string()),
         }
         table = batch.drop_columns([PREPARED_IMAGE, ERROR])
+        for name, array in columns.items():
+            table = table.append_column(name, array)
+        return table
+
+
+class ImageScorer(ModelStage):
+    """Model stage of scoring an image corpus: prepared images (+ a prompt each, in `question`, or None: the
+    aesthetic alone) -> alignment, aesthetic, combined score."""
+
+    def __init__(self, *, scores: ScoreOptions, resume_key: str, **engine_args):
+        super().__init__(**engine_args)
+        self.scorer = Scorer(self.engine, scores)
+        self.resume_key = resume_key
+
+    def process(self, batch: pa.Table) -> pa.Table:
+        size = self.engine.image_size
+        errors = batch[ERROR].to_pylist()
+        prompts = batch["question"].to_pylist()
+        for i, prompt in enumerate(prompts):
+            if errors[i] is None and prompt is not None:
+                errors[i] = self.scorer.check_prompt(prompt)
+        good = [i for i, e in enumerate(errors) if e is None]
+        pixels = batch[PREPARED_IMAGE].to_pylist()
+
+        def score(rows: list[int]) -> list:
+            arrays = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in rows])
+            return self.scorer.score(arrays, [prompts[i] for i in rows])
+
+        scores, good_errors = results_per_row(score, good)
+        results = dict(zip(good, scores, strict=True))
+        for i, error in zip(good, good_errors, strict=True):
+            errors[i] = error
+        n = batch.num_rows
+        done = [results.get(i) for i in range(n)]
+        columns = {
+            "key": pa.array([row_key(k) for k in batch[self.resume_key].to_pylist()], pa.string()),
+            "alignment": pa.array([s and s.alignment for s in done], pa.float32()),
+            "aesthetic": pa.array([s and s.aesthetic for s in done], pa.float32()),
+            "score": pa.array([s and s.combined for s in done], pa.float32()),
+            "model_id": pa.array([self.engine.model_id] * n, pa.string()),
+            "weights_hash": pa.array([self.engine.weights_hash] * n, pa.string()),
+            ERROR: pa.array(errors, pa.string()),
+        }
+        table = batch.drop_columns([PREPARED_IMAGE, ERROR, "question"])
         for name, array in columns.items():
             table = table.append_column(name, array)
         return table

@@ -5,7 +5,8 @@ task of files named `{task}` = `{write_uuid}_{task_index:06}`, under the run fol
 
 - parquet:    `data/{task}.parquet`; the image column opens in Hugging Face `datasets` as an Image feature.
 - webdataset: `data/{task}.tar` in img2dataset's layout, `{key}.{png,jpg,webp}` + `{key}.txt` + `{key}.json` per
-              image or text; the task's error rows (which have no image or text) in `data/{task}.errors.parquet`,
+              image or text; the task's rows that are no sample, error rows and (for outputs with an image column)
+              rows without an image, such as a curation's unkept candidates, in `data/{task}.errors.parquet`,
               so that every sample in a shard has the same members (as `datasets`' webdataset loader needs).
               Unsigned 64-bit values (`row_hash`) are written as strings in the JSON: readers parse JSON integers
               as int64.
@@ -113,13 +114,15 @@ class RunWriter(Datasink[None]):
         return {}, (f"{DATA}/{task}.parquet", parquet_bytes(table))
 
     def webdataset(self, task: str, table: pa.Table) -> tuple[dict, tuple[str, bytes]]:
-        failed = pc.is_valid(table[ERROR])
-        errors = table.filter(failed)
+        no_sample = pc.is_valid(table[ERROR])
+        if "image" in table.column_names:
+            no_sample = pc.or_(no_sample, pc.is_null(table["image"]))
+        aside = table.filter(no_sample)
         aux = {}
-        if errors.num_rows:
-            without_image = errors.drop_columns([c for c in ("image",) if c in errors.column_names])
+        if aside.num_rows:
+            without_image = aside.drop_columns([c for c in ("image",) if c in aside.column_names])
             aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(without_image)
-        samples = table.filter(pc.invert(failed))
+        samples = table.filter(pc.invert(no_sample))
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for row in samples.cast(strings_for_unsigned(samples.schema)).to_pylist():

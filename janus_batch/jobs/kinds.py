@@ -8,8 +8,11 @@ pipeline.py never asks which kind it runs.
 
 from __future__ import annotations
 
+import json
+import tarfile
 from abc import ABC, abstractmethod
 from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import pyarrow as pa
@@ -19,6 +22,7 @@ import ray
 from ray.data import ActorPoolStrategy
 
 from janus_batch.engine import memory_share
+from janus_batch.io.commits import DATA, ERRORS_SUFFIX, READ_THREADS, RunFiles, is_main
 from janus_batch.jobs.specs import JobSpec, ResourceSpec
 from janus_batch.model import prompt_format_of
 
@@ -158,3 +162,31 @@ class JobKind(ABC):
     @abstractmethod
     def stages(self, spec: JobSpec) -> list[Stage]:
         """The job's stages up to the write (pipeline.py adds it), in order: what runs, and what --dry-run shows."""
+
+    def summary(self, prepared: Prepared, files: RunFiles) -> dict:
+        """The kind's own keys of summary.json, from the run's committed data (read after the final reconcile)."""
+        return {}
+
+
+def read_data_columns(files: RunFiles, output_format: str, schema: pa.Schema, columns: list[str]) -> pa.Table:
+    """`columns` (of the output `schema`) of every row in the run's data files: the Parquet files' columns alone
+    (formats parquet and files); for webdataset, the samples' JSON members (the images are skipped, not read)
+    and the side Parquet files. Called after a reconcile, when every data file is committed."""
+    wanted = pa.schema([schema.field(c) for c in columns])
+    relatives = [r for r in files.list(DATA) if is_main(r) or r.endswith(ERRORS_SUFFIX)]
+
+    def read(relative: str) -> pa.Table:
+        path = files.path(relative)
+        if not relative.endswith(".tar"):
+            return pq.read_table(path, columns=columns, filesystem=files.filesystem).cast(wanted)
+        rows = []
+        with files.filesystem.open_input_file(path) as f, tarfile.open(fileobj=f, mode="r:") as tar:
+            for member in tar:
+                if member.name.endswith(".json"):
+                    row = json.loads(tar.extractfile(member).read())
+                    rows.append({c: row.get(c) for c in columns})
+        return pa.Table.from_pylist(rows, schema=wanted)
+
+    with ThreadPoolExecutor(READ_THREADS) as pool:
+        tables = list(pool.map(read, relatives))
+    return pa.concat_tables(tables) if tables else wanted.empty_table()

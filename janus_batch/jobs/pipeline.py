@@ -341,6 +341,7 @@ def run(spec: JobSpec, progress_every_s: float = PROGRESS_EVERY_S) -> dict:
         after = reconcile_run(spec, prepared)
         wall = time.perf_counter() - start
         summary = summarize(spec, inputs, before, after, started_at, wall, prepared.prompt_format)
+        summary.update(KINDS[spec.kind].summary(prepared, run_files(spec)))
         write_bytes(join(spec.run_dir, "summary.json"), json.dumps(summary, indent=2).encode(), spec.storage)
     print(
         f"[janus-batch] {summary['status']}: {summary['rows_written']} rows written ({summary['errors_written']} "

@@ -1,0 +1,205 @@
+"""The curate job kind: synthesis that keeps the best candidates. Per prompt, `images_per_prompt` candidates are
+generated, scored by the same model (janus_batch.engine.scoring), ranked and selected (janus_batch.curation), and
+the kept ones optionally captioned, all in one model actor on one model load.
+
+read prompts -> check prompts and ids, drop duplicate prompts -> generate, score, select, caption (model actors)
+-> encode the images that are written.
+
+Every candidate's row is written (its scores, rank and `kept`): an input always makes `images_per_prompt` rows,
+which exactly-once resumption counts on. By default only the kept rows carry an image (`image` null for the
+others); `write_all` writes every candidate's image.
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pyarrow as pa
+import pyarrow.compute as pc
+import ray
+from pydantic import Field, field_validator
+
+from janus_batch import stages
+from janus_batch.curation import SCORE_COLUMNS, SelectionRule, find_duplicates, normalise_prompt, score_quantiles
+from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ScoreOptions, TextSampling
+from janus_batch.io import readers, schemas
+from janus_batch.io.commits import RunFiles
+from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
+from janus_batch.jobs.synthesize import Synthesize, SynthesizeJob, prompt_columns, read_prompts
+
+DUPLICATE = "duplicate prompt: same text as "
+ONCE_NORMALISED = " once normalised"
+
+_COMMON = {name for name, _ in schemas.COMMON}
+CURATE = pa.schema(
+    [
+        *[f for f in schemas.SYNTHESIZE if f.name not in _COMMON],
+        ("alignment", pa.float32()),
+        ("aesthetic", pa.float32()),
+        ("score", pa.float32()),
+        ("rank", pa.int32()),
+        ("kept", pa.bool_()),
+        ("caption", pa.string()),
+        *schemas.COMMON,
+    ]
+)
+
+
+class CurateJob(SynthesizeJob):
+    """A synthesis job that scores its candidates and keeps the best (see the module doc)."""
+
+    kind: Literal["curate"] = "curate"  # type: ignore[assignment]
+    scores: ScoreOptions = Field(default_factory=ScoreOptions)
+    selection: SelectionRule = Field(default_factory=SelectionRule)
+    caption: bool = Field(False, description="caption the kept images, into the `caption` column")
+    caption_instruction: str = Field(DEFAULT_CAPTION_INSTRUCTION, min_length=1)
+    caption_sampling: TextSampling = Field(default_factory=TextSampling)
+    write_all: bool = Field(False, description="write every candidate's image, not only the kept ones'")
+
+    @field_validator("caption_instruction")
+    @classmethod
+    def check_instruction(cls, instruction: str) -> str:
+        if not instruction.strip():
+            raise ValueError("caption_instruction is empty")
+        return instruction
+
+
+def prompt_duplicates(ds: ray.data.Dataset, prompt_column: str, id_column: str | None) -> dict[int, str]:
+    """duplicate_prompt_errors over the whole input, done rows included, so a rerun drops the same rows: one pass
+    over its row_hash, prompt (and id) columns."""
+    columns = list(dict.fromkeys([schemas.ROW_HASH, prompt_column, *([id_column] if id_column else [])]))
+    batches = list(ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None))
+    table = pa.concat_tables(batches) if batches else pa.table({c: [] for c in columns})
+    return duplicate_prompt_errors(table, prompt_column, id_column)
+
+
+def duplicate_prompt_errors(table: pa.Table, prompt_column: str, id_column: str | None) -> dict[int, str]:
+    """row_hash -> its error, for the rows whose prompt repeats another row's, exactly or once normalised
+    (curation.find_duplicates: of a text, the row with the smallest row_hash is kept). The error names the row
+    (by its id, else its prompt) whose text it repeats."""
+    keys, prompts, names = [], [], []
+    ids = table[id_column or prompt_column].to_pylist()
+    for key, raw, name in zip(table[schemas.ROW_HASH].to_pylist(), table[prompt_column].to_pylist(), ids, strict=True):
+        prompt, error = stages.as_text("prompt", raw)
+        if error is None:  # a row without a text prompt gets its own error
+            keys.append(key)
+            prompts.append(prompt)
+            names.append(name)
+    texts = pa.table({schemas.ROW_HASH: pa.array(keys, pa.uint64()), "prompt": pa.array(prompts, pa.string())})
+    drop = find_duplicates(texts).drop
+    name_of = dict(zip(keys, names, strict=True))
+    first_exact: dict[str, int] = {}
+    kept_normalised: dict[str, int] = {}
+    for key, prompt in zip(keys, prompts, strict=True):
+        first_exact[prompt] = min(key, first_exact.get(prompt, key))
+        if key not in drop:
+            kept_normalised[normalise_prompt(prompt)] = key
+    errors = {}
+    for key, prompt in zip(keys, prompts, strict=True):
+        if key not in drop:
+            continue
+        if first_exact[prompt] != key:
+            errors[key] = f"{DUPLICATE}{stages.short(name_of[first_exact[prompt]])}"
+        else:
+            original = kept_normalised[normalise_prompt(prompt)]
+            errors[key] = f"{DUPLICATE}{stages.short(name_of[original])}{ONCE_NORMALISED}"
+    return errors
+
+
+def check_prompts(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
+    spec = build.spec
+    prompt_column, id_column = prompt_columns(spec)
+    check_ids = id_column is not None and (spec.input is None or spec.input.check_duplicate_ids)
+    # Over the whole input, done rows included: a rerun finds the same duplicates as the first attempt. Without
+    # an id column, repeated prompt texts are the prompt duplicates, of which one is kept.
+    dups = readers.duplicate_ids(ds, id_column) if check_ids else set()
+    dropped = prompt_duplicates(ds, prompt_column, id_column)
+    ds = build.skip_done(ds)
+    return ds.map_batches(
+        stages.prepare_prompts,
+        fn_kwargs=dict(prompt_column=prompt_column, id_column=id_column, duplicates=dups, dropped=dropped),
+        **build.cpu,
+    )
+
+
+def curate(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
+    spec = build.spec
+    return build.model_stage(
+        ds,
+        stages.Curator,
+        sampling=spec.sampling,
+        scores=spec.scores,
+        selection=spec.selection,
+        caption_sampling=spec.caption_sampling if spec.caption else None,
+        caption_instruction=spec.caption_instruction,
+        write_all=spec.write_all,
+    )
+
+
+def encode(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
+    spec = build.spec
+    post = dict(
+        image_format=spec.output.image_format,
+        run_id=spec.run_id,
+        sampling=spec.sampling,
+        schema=CURATE,
+        progress=build.progress,
+    )
+    # batch_size=None: one block in, one block out, so a prompt's candidates stay in one block.
+    return ds.map_batches(stages.encode_images, fn_kwargs=post, batch_size=None, **build.cpu)
+
+
+def count(mask: pa.ChunkedArray) -> int:
+    return pc.sum(mask).as_py() or 0
+
+
+def selection_summary(spec: CurateJob) -> dict:
+    weights = {"alignment": spec.scores.alignment_weight, "aesthetic": spec.scores.aesthetic_weight}
+    return {**spec.selection.model_dump(), "score_weights": weights}
+
+
+class Curate(Synthesize):
+    spec = CurateJob
+
+    def output_schema(self, prepared: Prepared) -> pa.Schema:
+        return CURATE
+
+    def stages(self, spec: CurateJob) -> list[Stage]:
+        res = spec.resources
+        source = spec.input.path if spec.input else "built-in prompts"
+        per_call = f"{spec.sampling.images_per_prompt} candidates per prompt, {res.batch_size} prompts per call"
+        rule = ", ".join(f"{k} {v:g}" for k, v in spec.selection.model_dump().items() if v is not None) or "keep all"
+        weights = f"{spec.scores.alignment_weight:g} alignment + {spec.scores.aesthetic_weight:g} aesthetic"
+        caption = f", caption the kept ({spec.caption_sampling.max_new_tokens} new tokens)" if spec.caption else ""
+        written = "every candidate's image" if spec.write_all else "the kept candidates' images"
+        return [
+            Stage("read", f"Parquet prompts from {source} (resume key: row_hash)", read_prompts),
+            Stage(
+                "prepare",
+                f"check prompts and ids, drop duplicate prompts (exact, normalised) (CPU tasks, {res.cpus_per_task} "
+                "CPU each)",
+                check_prompts,
+            ),
+            Stage(
+                "curate",
+                f"generate {per_call}, score ({weights}), select ({rule}){caption} {actor_pool(res)}",
+                curate,
+            ),
+            Stage("encode", f"{spec.output.image_format} of {written} (CPU tasks)", encode),
+        ]
+
+    def summary(self, prepared: Prepared, files: RunFiles) -> dict:
+        spec = prepared.spec
+        columns = ["sample_index", "kept", *SCORE_COLUMNS, schemas.ERROR]
+        table = read_data_columns(files, spec.output.format, CURATE, columns)
+        errors = table[schemas.ERROR]
+        duplicates = pc.fill_null(pc.starts_with(errors, DUPLICATE), False)
+        normalised = pc.and_(duplicates, pc.fill_null(pc.ends_with(errors, ONCE_NORMALISED), False))
+        return dict(
+            candidates=table.num_rows - table["sample_index"].null_count,
+            kept=count(table["kept"]),
+            duplicates_exact=count(duplicates) - count(normalised),
+            duplicates_normalised=count(normalised),
+            selection=selection_summary(spec),
+            score_quantiles=score_quantiles(table),
+        )
