@@ -125,7 +125,7 @@ def prepare_images(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     )
 
 
-def describe(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
+def understand(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     spec = build.spec
     return build.model_stage(
         ds,
@@ -187,12 +187,11 @@ class Caption(JobKind):
 
     def stages(self, spec: CaptionJob) -> list[Stage]:
         res = spec.resources
+        decode = f"fetch, decode, resize/pad images (CPU tasks, {res.cpus_per_task} CPU each)"
         per_call = f"{res.batch_size} images per call, up to {spec.sampling.max_new_tokens} new tokens"
         return [
             Stage("read", f"{spec.input.format} from {spec.input.path}", read_images),
-            Stage(
-                "prepare", f"fetch, decode, resize/pad images (CPU tasks, {res.cpus_per_task} CPU each)", prepare_images
-            ),
-            Stage(spec.task, f"{per_call} {actor_pool(res)}", describe),
+            Stage("prepare", decode, prepare_images),
+            Stage(spec.task, f"{per_call} {actor_pool(res)}", understand),
             Stage("finish", f"{spec.text_column} rows with the run's columns (CPU tasks)", finish),
         ]
