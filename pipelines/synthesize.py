@@ -3,16 +3,21 @@
     python pipelines/synthesize.py                       # tiny model, built-in prompts, local Ray -> ./outputs/
     python pipelines/synthesize.py --input s3://bucket/prompts/ --model deepseek-community/Janus-Pro-7B \\
         --output s3://bucket/images --output-format webdataset --images-per-prompt 16 --actors 8
+    python pipelines/synthesize.py --input prompts.parquet --keep-top 4 --caption  # a curated corpus
     ray job submit --working-dir . -- python pipelines/synthesize.py --config job.yaml
+
+Any curation option (--keep-top, --min-alignment, --min-aesthetic, --score-weights, --caption, --write-all) makes
+the job a curate job: the same model scores each prompt's candidates, keeps the best, and captions them.
 """
 
+import argparse
 import sys
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from janus_batch.engine import ImageSampling  # noqa: E402
-from janus_batch.jobs.cli import common_parser, main  # noqa: E402
+from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ImageSampling  # noqa: E402
+from janus_batch.jobs.cli import SCORE_WEIGHT_FLAGS, add_score_weights, common_parser, main  # noqa: E402
 
 FLAGS = {
     "input": "input.path",
@@ -26,7 +31,29 @@ FLAGS = {
     "seed": "sampling.seed",
     "greedy": "sampling.greedy",
 }
+CURATE_FLAGS = {
+    "keep_top": "selection.keep_top",
+    "min_alignment": "selection.min_alignment",
+    "min_aesthetic": "selection.min_aesthetic",
+    **SCORE_WEIGHT_FLAGS,
+    "caption": "caption",
+    "caption_instruction": "caption_instruction",
+    "write_all": "write_all",
+}
 DEFAULT = ImageSampling()
+
+
+class Caption(argparse.Action):
+    """`--caption [INSTRUCTION]`: caption the kept images, with INSTRUCTION if given."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        namespace.caption, namespace.caption_instruction = True, value
+
+
+def kind_of(args: argparse.Namespace, data: dict) -> str:
+    """curate when a curation flag is given or the YAML says so, else synthesize."""
+    curating = any(getattr(args, dest) is not None for dest in CURATE_FLAGS)
+    return "curate" if curating or data.get("kind") == "curate" else "synthesize"
 
 
 def parser():
@@ -41,8 +68,27 @@ def parser():
     p.add_argument("--top-p", type=float, help="default: off")
     p.add_argument("--seed", type=int, help=f"default: {DEFAULT.seed}")
     p.add_argument("--greedy", action="store_true", default=None, help="argmax instead of sampling")
+    curation = p.add_argument_group("curation (any of these makes the job a curate job)")
+    curation.add_argument("--keep-top", type=int, metavar="K", help="keep the K best candidates per prompt by score")
+    curation.add_argument("--min-alignment", type=float, metavar="X", help="keep only alignment (P(Yes)) >= X")
+    curation.add_argument("--min-aesthetic", type=float, metavar="X", help="keep only aesthetic (rating 1-9) >= X")
+    add_score_weights(curation)
+    curation.add_argument(
+        "--caption",
+        action=Caption,
+        nargs="?",
+        metavar="INSTRUCTION",
+        help=f"caption the kept images (default instruction: {DEFAULT_CAPTION_INSTRUCTION})",
+    )
+    curation.add_argument(
+        "--write-all",
+        action="store_true",
+        default=None,
+        help="write every candidate's image (default: the kept ones'; every candidate's row is written)",
+    )
+    p.set_defaults(caption=None, caption_instruction=None)
     return p
 
 
 if __name__ == "__main__":
-    main("synthesize", parser(), FLAGS, None)
+    main(kind_of, parser(), {**FLAGS, **CURATE_FLAGS}, None)

@@ -18,6 +18,7 @@ import json
 import re
 import sys
 import traceback
+from collections.abc import Callable
 from pathlib import Path
 
 import yaml
@@ -105,6 +106,30 @@ def common_parser(description: str) -> argparse.ArgumentParser:
     return p
 
 
+class ScoreWeights(argparse.Action):
+    """`--score-weights A,B`: the alignment and aesthetic weights of the combined score."""
+
+    def __call__(self, parser, namespace, value, option_string=None):
+        try:
+            alignment, aesthetic = (float(w) for w in value.split(","))
+        except ValueError:
+            parser.error(f"{option_string} takes two numbers, ALIGNMENT,AESTHETIC (e.g. 1,0.5), not {value!r}")
+        namespace.alignment_weight, namespace.aesthetic_weight = alignment, aesthetic
+
+
+SCORE_WEIGHT_FLAGS = {"alignment_weight": "scores.alignment_weight", "aesthetic_weight": "scores.aesthetic_weight"}
+
+
+def add_score_weights(p: argparse.ArgumentParser, extra_help: str = "") -> None:
+    p.add_argument(
+        "--score-weights",
+        action=ScoreWeights,
+        metavar="A,B",
+        help=f"weights of alignment and aesthetic (scaled to [0, 1]) in the combined score (default: 1,1){extra_help}",
+    )
+    p.set_defaults(alignment_weight=None, aesthetic_weight=None)
+
+
 def set_path(data: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
     for name in parents:
@@ -114,9 +139,15 @@ def set_path(data: dict, dotted: str, value) -> None:
     data[leaf] = value
 
 
-def build_spec(kind: str, args: argparse.Namespace, flags: dict[str, str]) -> JobSpec:
+# A script's job kind: a name, or a choice from the flags given and the YAML's fields (the synthesis script's
+# curation flags make a curate job).
+KindOf = str | Callable[[argparse.Namespace, dict], str]
+
+
+def build_spec(kind: KindOf, args: argparse.Namespace, flags: dict[str, str]) -> JobSpec:
     """YAML (if any), then every flag that was given, validated as the spec of job kind `kind`."""
     data = load_yaml(args.config) if args.config else {}
+    kind = kind if isinstance(kind, str) else kind(args, data)
     for dest, dotted in {**COMMON_FLAGS, **flags}.items():
         value = getattr(args, dest, None)
         if value is not None:
@@ -201,7 +232,7 @@ def failure_message(e: BaseException, storage: StorageConfig) -> str:
     return message
 
 
-def main(kind: str, parser: argparse.ArgumentParser, flags: dict[str, str], argv: list[str] | None) -> None:
+def main(kind: KindOf, parser: argparse.ArgumentParser, flags: dict[str, str], argv: list[str] | None) -> None:
     """A job script: the spec of job kind `kind` from --config and the flags (`flags`: the script's own, flag dest
     -> dotted field path), then --dry-run's plan or the run."""
     args = parser.parse_args(argv)
