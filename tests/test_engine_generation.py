@@ -211,7 +211,7 @@ def test_sampled_first_token_matches_the_exact_cfg_distribution(engine, prompt, 
         assert gof_pvalue(first, probs) < 1e-6, mistake
 
 
-@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.5), (10, 0.6)], ids=["top_k", "top_p", "both"])
+@pytest.mark.parametrize("top_k,top_p", [(5, None), (None, 0.8), (10, 0.9)], ids=["top_k", "top_p", "both"])
 def test_top_k_and_top_p_sample_the_exact_truncated_distribution(engine, top_k, top_p):
     exact = first_step_distribution(engine.model, prompt_ids(engine, "a red fox"), pad_id(engine.tokenizer), 5.0, 1.0)
     want = truncated(exact, top_k, top_p)

@@ -225,10 +225,12 @@ def test_answer_tokens_follow_the_documented_rule():
     assert start == [] and tokens == [sorted([vocab["5"], vocab["Ġ5"]]), sorted([vocab["Yes"], vocab["ĠYes"]])]
     assert "yes" not in [together.decode([t]).strip() for ts in tokens for t in ts]  # case-sensitive
 
-    # The project's tiny tokenizer has no "Yes" token: a scorer on it is refused, saying why.
+    # The project's tiny tokenizer is trained on the scorer's answers, so the embedded default can curate; on it a
+    # 1..10 scale, whose "10" is two digits there, is refused, saying why.
     model, processor = build_tiny_model(64)
-    with pytest.raises(ValueError, match="the answer 'Yes' is not a single token"):
-        Scorer(JanusEngine(model, processor))
+    assert Scorer(JanusEngine(model, processor)).options == ScoreOptions()
+    with pytest.raises(ValueError, match="the answer '10' is not a single token"):
+        Scorer(JanusEngine(model, processor), ScoreOptions(aesthetic_high=10))
 
 
 def test_scores_on_a_tokenizer_that_keeps_the_space_before_digits(images):

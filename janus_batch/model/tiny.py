@@ -38,6 +38,9 @@ _CORPUS = [
     "You are a helpful language and vision assistant. You are able to understand the visual content "
     "that the user provides, and assist the user with a variety of tasks using natural language.",
     "a cat, a dog, a bird, a tree, a city street at night with neon lights, portrait, landscape",
+    # The scorer's answer (janus_batch/engine/scoring.py): " Yes" is then a single token, so the embedded default
+    # can curate. (The digits of its rating scale are in every byte-level vocabulary.)
+    "Please answer yes or no. Yes",
 ]
 
 GEOMETRIES = {64: 16, 384: 576}  # image size -> image tokens (16x downsampling)
