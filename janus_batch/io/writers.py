@@ -149,7 +149,8 @@ class RunWriter(Datasink[None]):
         rows = table.drop_columns(["image"])
         local = rows.append_column("file_name", pa.array(names, pa.string()))
         local = local.filter(pc.is_valid(local["file_name"])).cast(strings_for_unsigned(local.schema))
-        aux[f"{IMAGES}/{task}/metadata.parquet"] = parquet_bytes(local)
+        if local.num_rows:  # a folder of no image has no metadata: `datasets` fails on an empty one
+            aux[f"{IMAGES}/{task}/metadata.parquet"] = parquet_bytes(local)
         in_run = [None if n is None else f"{IMAGES}/{task}/{n}" for n in names]
         main = rows.append_column("file_name", pa.array(in_run, pa.string()))
         return aux, (f"{DATA}/{task}.parquet", parquet_bytes(main))
