@@ -9,6 +9,7 @@ import tarfile
 from datetime import datetime, timezone
 from types import SimpleNamespace
 
+import datasets
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
@@ -164,6 +165,20 @@ def test_webdataset_shards_hold_samples_only_and_unsigned_ids_as_strings(tmp_pat
     assert meta["row_hash"] == str(2**63)  # beyond int64: JSON readers would overflow on the number
     errors = pq.read_table(tmp_path / f"run/data/{task}.errors.parquet")
     assert errors["prompt_id"].to_pylist() == ["p1"] and errors["error"].to_pylist() == ["prompt is empty"]
+
+
+def test_a_webdataset_task_of_no_sample_writes_no_shard(tmp_path, storage):
+    # A model call whose rows are all errors (or, in curation, all unkept): an empty tar would break `datasets`.
+    sink = writer(str(tmp_path / "run"), storage, "webdataset")
+    task = write_task(sink, 0, synth_rows([0, 1], failed=(0, 1)))
+    write_task(sink, 1, synth_rows([2]))
+    assert sorted(sink.run.list("data")) == [f"data/{task}.parquet", "data/w_000001.tar"]
+    done, state = check(sink)
+    assert done == {0, 1, 2} and state.errors == 2
+    (tmp_path / "run/_index").rename(tmp_path / "index-gone")  # read again from the data files
+    assert check(sink)[0] == {0, 1, 2}
+    rows = datasets.load_dataset("webdataset", data_files=str(tmp_path / "run/data/*.tar"), split="train")
+    assert rows.num_rows == IMAGES_PER_PROMPT
 
 
 def test_files_format_keeps_parquet_readers_and_imagefolder_apart(tmp_path, storage):

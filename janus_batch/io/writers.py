@@ -7,7 +7,9 @@ task of files named `{task}` = `{write_uuid}_{task_index:06}`, under the run fol
 - webdataset: `data/{task}.tar` in img2dataset's layout, `{key}.{png,jpg,webp}` + `{key}.txt` + `{key}.json` per
               image or text; the task's rows that are no sample, error rows and (for outputs with an image column)
               rows without an image, such as a curation's unkept candidates, in `data/{task}.errors.parquet`,
-              so that every sample in a shard has the same members (as `datasets`' webdataset loader needs).
+              so that every sample in a shard has the same members (as `datasets`' webdataset loader needs); a
+              task of no sample writes no shard, only `data/{task}.parquet` (that loader fails on an empty tar).
+              So `data/*.tar` holds every sample and `data/*.parquet` every other row.
               Unsigned 64-bit values (`row_hash`) are written as strings in the JSON: readers parse JSON integers
               as int64.
 - files:      `images/{task}/{key}.{png,jpg,webp}` per image with `images/{task}/metadata.parquet` (a
@@ -118,11 +120,11 @@ class RunWriter(Datasink[None]):
         if "image" in table.column_names:
             no_sample = pc.or_(no_sample, pc.is_null(table["image"]))
         aside = table.filter(no_sample)
-        aux = {}
-        if aside.num_rows:
-            without_image = aside.drop_columns([c for c in ("image",) if c in aside.column_names])
-            aux[f"{DATA}/{task}{ERRORS_SUFFIX}"] = parquet_bytes(without_image)
+        without_image = aside.drop_columns([c for c in ("image",) if c in aside.column_names])
         samples = table.filter(pc.invert(no_sample))
+        if samples.num_rows == 0:  # no shard: `datasets`' webdataset loader fails on a tar of no sample
+            return {}, (f"{DATA}/{task}.parquet", parquet_bytes(without_image))
+        aux = {f"{DATA}/{task}{ERRORS_SUFFIX}": parquet_bytes(without_image)} if aside.num_rows else {}
         buffer = io.BytesIO()
         with tarfile.open(fileobj=buffer, mode="w") as tar:
             for row in samples.cast(strings_for_unsigned(samples.schema)).to_pylist():
@@ -161,8 +163,12 @@ class RunWriter(Datasink[None]):
         if self.output_format != "webdataset":
             return parquet_task_reader(resume_key, resume_type)
 
+        parquet_main = parquet_task_reader(resume_key, resume_type)
+
         def read(files: dict[str, bytes], names: set[str]) -> pa.Table:
             ((main, data),) = [(r, d) for r, d in files.items() if is_main(r)]
+            if main.endswith(".parquet"):  # a task of no sample
+                return parquet_main(files, names)
             rows = []
             with tarfile.open(fileobj=io.BytesIO(data), mode="r") as tar:
                 for member in tar:
