@@ -28,8 +28,10 @@ from janus_batch.io.storage import StorageConfig, fs_path
 from janus_batch.jobs import ModelSpec, run
 from janus_batch.jobs.curate import CurateJob, duplicate_prompt_errors
 from tests.fault_proxy import FaultProxy
+from tests.helpers import encoded
 from tests.jobs_data import synth_spec, write_parquet
 from tests.test_jobs_e2e import download_dir
+from tests.test_jobs_units import run_script
 
 pytest_plugins = ["tests.jobs_fixtures"]
 
@@ -206,7 +208,7 @@ def data_rows(run_dir: str, storage, local: Path) -> tuple[list[dict], list[Path
     rows = []
     for f in files:
         if f.suffix == ".tar":
-            with tarfile.open(f) as tar:  # a shard may hold no sample (a block of duplicates)
+            with tarfile.open(f) as tar:
                 rows += [json.loads(tar.extractfile(m).read()) for m in tar if m.name.endswith(".json")]
         else:
             rows += [{k: v for k, v in r.items() if k != "image"} for r in pq.read_table(f).to_pylist()]
@@ -253,11 +255,9 @@ def test_curate_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_path,
         samples = list(wds.WebDataset(shards, shardshuffle=False))
         assert {s["__key__"] for s in samples} == kept_keys  # the unkept and error rows are in the side files
         assert all(Image.open(io.BytesIO(s["png"])).size == (64, 64) for s in samples)
-        # datasets' loader fails on a shard without samples (a task of error rows only): left out here.
-        full = sorted({s["__url__"] for s in samples})
-        hf = datasets.load_dataset("webdataset", data_files=full, split="train")
+        hf = datasets.load_dataset("webdataset", data_files=shards, split="train")
         assert all(r["json"]["kept"] and r["json"]["caption"] for r in hf) and len(hf) == 6
-        aside = pq.read_table([f for f in files if f.name.endswith(".errors.parquet")])
+        aside = pq.read_table([f for f in files if f.suffix == ".parquet"])  # beside a shard, or of no sample
         assert aside.num_rows == 8 and "image" not in aside.column_names
     else:
         assert {Path(r["file_name"]).stem for r in rows if r["file_name"]} == kept_keys
@@ -317,3 +317,41 @@ def test_a_curate_run_cut_short_then_resumed_keeps_what_an_uninterrupted_run_kee
 
     assert kept(again) == kept(expected) and len(kept(expected)) == 8  # the same set, none twice
     assert len(again) == len(expected) == 16 and whole["kept"] == resumed["kept"] == 8
+
+
+def test_score_pipeline_scores_a_corpus_once(ray_cluster, tiny_model_dir, tmp_path, monkeypatch, capsys):
+    # `python pipelines/score.py` over a Parquet corpus made elsewhere: every row scored as the Scorer scores its
+    # preprocessed pixels; a bad image, or a null in the prompt column, is the row's error; a rerun makes 0 rows.
+    rng = np.random.default_rng(3)
+    images = [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(3)]
+    table = pa.table(
+        {
+            "image_id": ["a", "b", "c", "bad", "null"],
+            "image": [encoded(im) for im in images] + [b"not an image", encoded(images[0])],
+            "prompt": ["a red fox", "portrait", "a lighthouse on a cliff", "x", None],
+        }
+    )
+    corpus = write_parquet(table, str(tmp_path / "corpus.parquet"), StorageConfig())
+    args = ["--input", corpus, "--prompt-column", "prompt", "--model", str(tiny_model_dir), "--output",
+            str(tmp_path / "out"), "--run-id", "s", "--actors", "1", "--cpus-per-actor", "0.5", "--gpus-per-actor",
+            "0"]  # fmt: skip
+    run_script("score.py", args, monkeypatch)
+    summary = json.loads((tmp_path / "out/s/summary.json").read_text())
+    assert (summary["status"], summary["rows"], summary["errors"]) == ("succeeded", 5, 2)
+    assert set(summary["score_quantiles"]) == {"alignment", "aesthetic", "score"}
+    rows = {r["image_id"]: r for r in pq.read_table(tmp_path / "out/s/data").to_pylist()}
+    assert rows["bad"]["error"].startswith("not a decodable image") and rows["bad"]["score"] is None
+    assert rows["null"]["error"] == "prompt is null"
+
+    engine = stages.load_engine(ModelSpec(source=str(tiny_model_dir)).model_dump(), 0, StorageConfig(), {})
+    pixels = np.stack([engine.prepare_image(encoded(im)) for im in images])
+    want = Scorer(engine).score(pixels, ["a red fox", "portrait", "a lighthouse on a cliff"])
+    for image_id, score in zip("abc", want, strict=True):
+        got = rows[image_id]
+        assert got["error"] is None and got["alignment"] == pytest.approx(score.alignment, rel=1e-5, abs=1e-7)
+        assert got["aesthetic"] == pytest.approx(score.aesthetic, rel=1e-5)
+        assert got["score"] == pytest.approx(score.combined, rel=1e-5, abs=1e-7)
+
+    capsys.readouterr()
+    run_script("score.py", args, monkeypatch)
+    assert json.loads((tmp_path / "out/s/summary.json").read_text())["rows_written"] == 0
