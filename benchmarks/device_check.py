@@ -8,10 +8,12 @@ Its parts, in this order:
 1. `tests`: tests/test_engine_gpu.py;
 2. `bench-1b`, `bench-7b`: `benchmarks.bench`, synthesis and captioning: the engine with CUDA graphs and eager,
    transformers' generate at its best batch, DeepSeek's reference loop (the anchors kept short);
-3. `agreement-7b`: greedy image tokens against the reference loop in bf16, beside the reference against itself
+3. `curation-1b`, `curation-7b`: `benchmarks.curation`, the time to score a prompt's 16 candidates and caption the
+   kept 4 against the time to generate them (issue 14: at most 25%), beside its FLOP and roofline predictions;
+4. `agreement-7b`: greedy image tokens against the reference loop in bf16, beside the reference against itself
    at another batch shape (two prompts, or one when two would not fit);
-4. `memory`: each bench's peak GPU memory against the planner's budget (from the bench's JSON: no GPU time);
-5. `cold-start-7b`: `benchmarks.cold_start`, a 7B actor's first batch from local disk.
+5. `memory`: each bench's peak GPU memory against the planner's budget (from the bench's JSON: no GPU time);
+6. `cold-start-7b`: `benchmarks.cold_start`, a 7B actor's first batch from local disk.
 
 Each part runs in a process of its own, so a CUDA error or a crash costs that part only: a failing part prints its
 error and the next one runs. Each prints its elapsed time. A part is skipped, saying so, when its predicted time
@@ -20,9 +22,9 @@ it has written. Every ratio is printed beside its target (issue 15, item 3).
 
 OUT_DIR receives device_check.json (every figure, its ratios and targets, each part's status and time; rewritten
 after each part), device_check.log (all output) and each part's own JSON as it measures (bench-1b.json,
-bench-7b.json, agreement-7b.json, cold-start-7b.json): six files, inside the device tool's eight. It installs
-nothing: it needs what the GPU machines have (torch, transformers, numpy, PIL, safetensors, tokenizers, filelock,
-huggingface_hub, pytest), not Ray.
+bench-7b.json, curation-1b.json, curation-7b.json, agreement-7b.json, cold-start-7b.json): eight files, the most
+the device tool brings back. It installs nothing: it needs what the GPU machines have (torch, transformers, numpy,
+PIL, safetensors, tokenizers, filelock, huggingface_hub, pytest), not Ray.
 """
 
 from __future__ import annotations
@@ -59,7 +61,16 @@ COLD_START_TARGET_S = 90
 
 # What the budget plans with on an H100 or H200, in seconds: the anchors of ../shared/DESIGN.md section 3 and the
 # bench's own arithmetic (benchmarks/RESULTS.md). The tiny model's parts are not predicted (0).
-PREDICTED_S = {"tests": 60, "bench-1b": 120, "bench-7b": 150, "cold-start-7b": 120}
+# curation-*: the model built, then a warm-up and 3 timed runs of one generation batch (~10 s on an H200: 448 images
+# for 1B, 160 for 7B), its scoring (~2 s) and captions (~1 s).
+PREDICTED_S = {
+    "tests": 60,
+    "bench-1b": 120,
+    "bench-7b": 150,
+    "curation-1b": 80,
+    "curation-7b": 90,
+    "cold-start-7b": 120,
+}
 # The agreement: building the model and the engine's greedy runs, then one 576-step reference call per prompt
 # and one for the calibration line, at the reference loop's step time as the bench measured it.
 AGREEMENT_SETUP_S = 45
@@ -70,7 +81,8 @@ IMAGE_TOKENS = 576
 def part_names(tiny: bool) -> list[str]:
     sizes = ["tiny"] if tiny else GPU_SIZES
     last = sizes[-1]
-    return ["tests", *[f"bench-{s}" for s in sizes], f"agreement-{last}", "memory", f"cold-start-{last}"]
+    benches = [f"{kind}-{s}" for kind in ("bench", "curation") for s in sizes]
+    return ["tests", *benches, f"agreement-{last}", "memory", f"cold-start-{last}"]
 
 
 def run_part(command: list[str], timeout_s: float, log: Callable[[str], None]) -> tuple[str, str | None]:
@@ -157,6 +169,27 @@ def describe_figure(row: dict) -> str:
     return "  ".join(words)
 
 
+def describe_curation(size: str, curation: dict) -> str:
+    """The curation's measured ratio beside its target and its predictions."""
+    prediction = curation["prediction"]
+    predicted = (
+        f"predicted {prediction['roofline_ratios']['score_and_caption']:.2f} from the rooflines, "
+        f"FLOP ratio {prediction['flop_ratios']['score_and_caption']:.2f}"
+    )
+    if curation["ratios"] is None:  # stopped before its first timed run
+        return f"curation {size}: not measured; {predicted}"
+    ratios = curation["ratios"]
+    verdict = "met" if curation["meets"] else "MISSED"
+    line = (
+        f"curation {size}: (score + caption) / generate {ratios['score_and_caption']:.3f} "
+        f"(target <= {curation['target']}: {verdict}; score {ratios['score']:.3f}, caption {ratios['caption']:.3f}); "
+        + predicted
+    )
+    if curation["peak_reserved_gib"] is not None:
+        line += f"; peak held {curation['peak_reserved_gib']:.1f} GiB of a {curation['budget_gib']:.1f} GiB budget"
+    return line
+
+
 def agreement_check(result: dict | None) -> dict | None:
     """The agreement lines, and per engine mode whether it is no further from the reference than the reference
     is from itself at another batch shape (the share of equal tokens)."""
@@ -225,6 +258,7 @@ def main(argv: list[str] | None = None) -> None:
         "parts": {name: {"status": "not run", "seconds": None, "predicted_s": None, "error": None} for name in names},
         "tests": None,
         "bench": {},
+        "curation": {},
         "agreement": None,
         "memory": {},
         "cold_start": None,
@@ -270,6 +304,8 @@ def main(argv: list[str] | None = None) -> None:
                 "--json",
                 str(args.out / f"{name}.json"),
             ]
+        if kind == "curation":
+            return [py, "-m", "benchmarks.curation", "--model", size, *quick, "--json", str(args.out / f"{name}.json")]
         if kind == "agreement":
             return [py, "-m", "benchmarks.bench", "--model", size, "--task", "agreement", *quick, *extra] + [
                 "--json",
@@ -294,6 +330,9 @@ def main(argv: list[str] | None = None) -> None:
             summary["bench"][size] = {k: bench[k] for k in keep} | {"rows": figures}
             for row in figures:
                 log("  " + describe_figure(row))
+        elif kind == "curation" and (curation := read_json(args.out / f"{name}.json")) is not None:
+            summary["curation"][size] = curation
+            log(f"  {describe_curation(size, curation)}")
         elif kind == "agreement":
             summary["agreement"] = agreement_check(read_json(args.out / f"{name}.json"))
             for mode, line in (summary["agreement"] or {"lines": {}})["lines"].items():
@@ -351,6 +390,8 @@ def main(argv: list[str] | None = None) -> None:
         for row in bench["rows"]:
             if row["targets"]:
                 log(f"  {size} " + describe_figure(row))
+    for size, curation in summary["curation"].items():
+        log(f"  {describe_curation(size, curation)}")
     if agreement := summary["agreement"]:
         shares = {
             mode: None if line is None else round(100 * line["share"], 2) for mode, line in agreement["lines"].items()

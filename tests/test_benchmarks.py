@@ -1,6 +1,6 @@
 """The GPU check (benchmarks/device_check.py) runs end to end on CPU with the tiny model: every part runs and its
-JSON has every field (a smoke test: no timing is asserted); the bench's and the cold start's own figures; and the
-check's budget, failure and target logic."""
+JSON has every field (a smoke test: no timing is asserted); the bench's, the curation's and the cold start's own
+figures; the check's budget, failure and target logic; and the curation's FLOP formula against PyTorch's count."""
 
 from __future__ import annotations
 
@@ -11,9 +11,14 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
+from torch.utils.flop_counter import FlopCounterMode
+from transformers import JanusForConditionalGeneration
 
-from benchmarks import device_check
+from benchmarks import curation, device_check
+from janus_batch.engine import decoder
 from janus_batch.engine.memory import CPU_BATCH_ROWS
+from janus_batch.model.random_init import janus_pro_config
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -93,6 +98,7 @@ def test_device_check_runs_every_part_and_writes_every_field(check):
         "agreement-tiny.json",
         "bench-tiny.json",
         "cold-start-tiny.json",
+        "curation-tiny.json",
         "device_check.json",
         "device_check.log",
     ]
@@ -114,6 +120,51 @@ def test_bench_rows_and_greedy_agreement(check):
         "reference, 2/call": {"share": 1.0, "first_difference": [None]},
         "eager": {"share": 1.0, "first_difference": [None, None]},
     }
+
+
+def test_curation_ratio_beside_its_target_and_predictions(check):
+    out, _ = check
+    result = json.loads((out / "device_check.json").read_text())["curation"]["tiny"]
+    assert (result["candidates_per_prompt"], result["kept_per_prompt"], result["target"]) == (16, 4, 0.25)
+    assert all(len(runs) == curation.REPEATS and min(runs) > 0 for runs in result["seconds"].values())
+    per_prompt = result["per_prompt_s"]
+    assert result["ratios"]["score_and_caption"] == pytest.approx(
+        (per_prompt["score"] + per_prompt["caption"]) / per_prompt["generate"]
+    )
+    assert result["meets"] == (result["ratios"]["score_and_caption"] <= 0.25)
+    prediction = result["prediction"]
+    for kind in ("flop_ratios", "roofline_ratios"):
+        assert set(prediction[kind]) == {"score_and_caption", "score", "caption"}
+        assert all(value > 0 for value in prediction[kind].values())
+    assert result["tokens"]["score_prefix"] > 16  # the system prompt and the 64 px image's 16 tokens
+    log = (out / "device_check.log").read_text()
+    assert "curation tiny: (score + caption) / generate " in log and "(target <= 0.25: " in log
+    assert "FLOP ratio " in log
+
+
+@pytest.mark.parametrize("size", ["1b", "7b"])
+def test_curation_flop_formula_is_pytorch_s_count_of_the_model(size):
+    # On the meta device (no memory, no compute): the formula from the config against PyTorch's FLOP counter over
+    # the modules the engine runs, a decode step after 100 cached tokens and one image through SigLIP and the aligner.
+    config = janus_pro_config(size)
+    cached = 100
+    with torch.device("meta"):
+        model = JanusForConditionalGeneration(config)
+        lm = model.model.language_model
+        layers, heads, head_dim = decoder.kv_shape(lm)
+        shape = (1, heads, cached + 1, head_dim)
+        cache = decoder.KVCache(
+            [torch.empty(shape) for _ in range(layers)], [torch.empty(shape) for _ in range(layers)]
+        )
+        token, pixels = torch.empty(1, 1, config.text_config.hidden_size), torch.empty(1, 3, 384, 384)
+        slots, no_padding = torch.tensor([cached]), torch.zeros(1, dtype=torch.long)
+    with FlopCounterMode(display=False) as step:
+        decoder.forward(lm, token, slots, no_padding, cache, cached + 1)
+    with FlopCounterMode(display=False) as vision:
+        model.model.aligner(model.model.vision_model(pixels).last_hidden_state)
+    # transformers 5.17's rotary embedding adds a product of its 64 frequencies by the position: 128 FLOPs.
+    assert curation.decoder_flops(config.text_config, 1, cached) == pytest.approx(step.get_total_flops(), abs=128)
+    assert curation.vision_flops(config) == vision.get_total_flops()
 
 
 def test_cold_start(check):
