@@ -155,6 +155,18 @@ def test_rows_in_two_data_files_are_refused_naming_them(tmp_path, storage):
         check(sink)
 
 
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_a_task_whose_inputs_are_all_in_other_tasks_is_deleted(run_dir, storage, output_format):
+    # A write task of a failed attempt committing late, after the rerun made its inputs again: the same rows twice.
+    sink = writer(run_dir, storage, output_format)
+    first, second = write_task(sink, 0, synth_rows([0, 1])), write_task(sink, 1, synth_rows([2]))
+    late = write_task(sink, 2, synth_rows([1, 2], failed=(2,)))  # remade: p2 failed this time, p1 did not
+    done, state = check(sink)
+    assert done == {0, 1, 2} and state.rows == 3 * IMAGES_PER_PROMPT and state.errors == 0
+    assert all(late not in f for f in files(sink)) and any(first in f for f in files(sink))
+    assert any(second in f for f in files(sink)) and any(late in f for f in state.deleted)
+
+
 def test_webdataset_shards_hold_samples_only_and_unsigned_ids_as_strings(tmp_path, storage):
     sink = writer(str(tmp_path / "run"), storage, "webdataset")
     task = write_task(sink, 0, synth_rows([0, 1], failed=(1,)))

@@ -237,13 +237,19 @@ def test_curate_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_path,
     assert len(candidates) == 12 and sum(r["kept"] for r in candidates) == 6
     assert all((r["caption"] is not None) == r["kept"] for r in candidates)
     assert all(0 <= r["alignment"] <= 1 and 1 <= r["aesthetic"] <= 9 for r in candidates)
-    # Of a text, the row with the smallest row_hash is kept (a hash of file and position: the same on a rerun).
-    kept_fox = next(r["prompt_id"] for r in candidates if r["prompt_id"].startswith("fox"))
-    dropped_fox = ({"fox", "fox2"} - {kept_fox}).pop()
-    assert {r["prompt_id"]: r["error"] for r in rows if r["error"]} == {
-        dropped_fox: f"duplicate prompt: same text as {kept_fox!r}",
-        "fox3": f"duplicate prompt: same text as {kept_fox!r} once normalised",
-    }
+    # Of a text, the row with the smallest row_hash is kept (a hash of file and position: the same on a rerun); each
+    # dropped row names the row of smallest hash among its exact copies, else its kept row ("once normalised").
+    fox = {r["prompt_id"]: r for r in rows if r["prompt_id"].startswith("fox")}
+    smallest = min(fox, key=lambda p: int(fox[p]["row_hash"]))
+    first_exact = min(("fox", "fox2"), key=lambda p: int(fox[p]["row_hash"]))
+    assert {p for p, r in fox.items() if r["error"] is None} == {smallest}
+    want = {}
+    for p in {"fox", "fox2", "fox3"} - {smallest}:
+        exact = p != "fox3" and p != first_exact
+        want[p] = f"duplicate prompt: same text as {first_exact if exact else smallest!r}" + (
+            "" if exact else " once normalised"
+        )
+    assert {r["prompt_id"]: r["error"] for r in rows if r["error"]} == want
     kept_keys = {r["key"] for r in candidates if r["kept"]}
     if output_format == "parquet":
         ds = datasets.load_dataset("parquet", data_files=[str(f) for f in files], split="train")

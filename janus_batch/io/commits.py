@@ -213,9 +213,11 @@ def reconcile(run: RunFiles, read_task: TaskReader, rows_per_input: Callable[[bo
     with ThreadPoolExecutor(READ_THREADS) as pool:
         found = list(pool.map(task_rows, committed))
         requeued = sum(pool.map(lost_inputs, orphan_indexes))  # indexed inputs whose data are gone
+    whole_tasks = {task: table for task, table in zip(committed, found, strict=True) if table is not None}
+    redundant = redundant_tasks(whole_tasks, run.resume_key)
     tasks, tables = [], []
     for task, table in zip(committed, found, strict=True):
-        if table is None:  # damaged: deleted whole, made again
+        if table is None or task in redundant:  # damaged (made again), or its inputs are all in other tasks
             deleted += [*by_task[task], *([indexes[task]] if task in indexes else [])]
         else:
             tasks.append(task)
@@ -271,8 +273,24 @@ def whole(table: pa.Table, resume_key: str, rows_per_input: Callable[[bool], int
     return all(count == rows_per_input(failed[key]) for key, count in counts.items())
 
 
+def redundant_tasks(tables: dict[str, pa.Table], resume_key: str) -> set[str]:
+    """Committed tasks every input of which is whole in another committed task too, so that deleting them loses
+    nothing: a write task of an attempt that failed can still commit after the next attempt has made its inputs
+    again (a PUT that pyarrow was still retrying when the job gave up: Ray cannot interrupt native code). Outputs
+    are deterministic, so both copies are the same rows. Of two such tasks the later by name goes."""
+    inputs = {task: set(table[resume_key].to_pylist()) for task, table in tables.items()}
+    holders = Counter(key for keys in inputs.values() for key in keys)
+    redundant = set()
+    for task in sorted(inputs, reverse=True):
+        if inputs[task] and all(holders[key] > 1 for key in inputs[task]):
+            redundant.add(task)
+            holders.subtract(inputs[task])
+    return redundant
+
+
 def check_no_duplicates(table: pa.Table, resume_key: str, tables: list[pa.Table], tasks: list[str]) -> None:
-    """An input's rows in two committed tasks: never made by one driver, so say which files hold them."""
+    """An input's rows in two committed tasks that redundant_tasks could not settle (tasks that overlap in part):
+    never made by one driver, so say which files hold them."""
     counts = table.group_by(resume_key).aggregate([("key", "count_distinct"), ("key", "count")])
     twice = counts.filter(pc.not_equal(counts["key_count_distinct"], counts["key_count"]))
     if twice.num_rows == 0:
