@@ -28,6 +28,13 @@ SCORE = "score"
 RANK = "rank"
 KEPT = "kept"
 SCORE_COLUMNS = (ALIGNMENT, AESTHETIC, SCORE)
+# What a curated candidate's row adds to a generated image's, in this order (the curate job's model stage and output).
+CANDIDATE_FIELDS = [
+    *[(name, pa.float32()) for name in SCORE_COLUMNS],
+    (RANK, pa.int32()),
+    (KEPT, pa.bool_()),
+    ("caption", pa.string()),
+]
 QUANTILES = {"p05": 0.05, "p25": 0.25, "p50": 0.5, "p75": 0.75, "p95": 0.95}
 
 

@@ -21,7 +21,7 @@ import numpy as np
 import pyarrow as pa
 from PIL import Image
 
-from janus_batch.curation import Candidate, SelectionRule, select_candidates
+from janus_batch.curation import CANDIDATE_FIELDS, Candidate, SelectionRule, select_candidates
 from janus_batch.engine import (
     ImageInputError,
     ImageSampling,
@@ -323,17 +323,7 @@ class Synthesizer(ModelStage):
 
 # ---- curate: generate, score, select, caption in one model actor ------------------------------------------
 
-CURATED = pa.schema(
-    [
-        *GENERATED,
-        ("alignment", pa.float32()),
-        ("aesthetic", pa.float32()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
-        ("kept", pa.bool_()),
-        ("caption", pa.string()),
-    ]
-)
+CURATED = pa.schema([*GENERATED, *CANDIDATE_FIELDS])
 
 
 def candidate_key(row_hash: int, sample_index: int) -> str:

@@ -62,7 +62,8 @@ MEMORY_FIELDS = {
 
 @pytest.fixture(scope="module")
 def check(tmp_path_factory) -> tuple[Path, Path]:
-    """One run of the whole check on the tiny model: (its output directory, its work directory)."""
+    """One run of the whole check on the tiny model: (its output directory, its work directory). The tests on it
+    are marked gpu_stack: `make test` runs them on the GPU machines' stack (.venv-compat) only."""
     base = tmp_path_factory.mktemp("device-check")
     out, work = base / "out", base / "work"
     command = [sys.executable, "-m", "benchmarks.device_check", str(out), "--tiny", "--work-dir", str(work)]
@@ -70,6 +71,7 @@ def check(tmp_path_factory) -> tuple[Path, Path]:
     return out, work
 
 
+@pytest.mark.gpu_stack
 def test_device_check_runs_every_part_and_writes_every_field(check):
     out, _ = check
     summary = json.loads((out / "device_check.json").read_text())
@@ -104,6 +106,7 @@ def test_device_check_runs_every_part_and_writes_every_field(check):
     ]
 
 
+@pytest.mark.gpu_stack
 def test_bench_rows_and_greedy_agreement(check):
     out, _ = check
     rows = json.loads((out / "bench-tiny.json").read_text())["rows"]
@@ -122,6 +125,7 @@ def test_bench_rows_and_greedy_agreement(check):
     }
 
 
+@pytest.mark.gpu_stack
 def test_curation_ratio_beside_its_target_and_predictions(check):
     out, _ = check
     result = json.loads((out / "device_check.json").read_text())["curation"]["tiny"]
@@ -167,6 +171,7 @@ def test_curation_flop_formula_is_pytorch_s_count_of_the_model(size):
     assert curation.vision_flops(config) == vision.get_total_flops()
 
 
+@pytest.mark.gpu_stack
 def test_cold_start(check):
     out, work = check
     result = json.loads((out / "cold-start-tiny.json").read_text())

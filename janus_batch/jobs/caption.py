@@ -29,6 +29,11 @@ class ImageInput(Spec):
     check_duplicate_ids: bool = True
     max_image_bytes: int = Field(32 * 2**20, ge=1)
 
+    @property
+    def text_column(self) -> tuple[str | None, str]:
+        """(the column of each row's text, what a row's error calls it): the question, for VQA."""
+        return self.question_column, "question"
+
     @model_validator(mode="after")
     def one_image_source(self) -> ImageInput:
         if self.format == "images":
@@ -94,9 +99,9 @@ def read_images(build: Build, _) -> ray.data.Dataset:
     cpus = spec.resources.cpus_per_task
     if source.format == "images":
         return readers.read_image_folder(build.prepared.input_path, spec.storage, cpus)
-    image_columns = [source.image_column, source.image_uri_column, source.question_column]
+    image_columns = [source.image_column, source.image_uri_column, source.text_column[0]]
     columns = [c for c in [*image_columns, *passthrough(spec)] if c]
-    return readers.read_parquet(build.prepared.input_path, spec.storage, columns, cpus)
+    return readers.read_parquet(build.prepared.input_path, spec.storage, list(dict.fromkeys(columns)), cpus)
 
 
 def prepare_images(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -106,6 +111,7 @@ def prepare_images(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     if source.id_column and source.check_duplicate_ids:
         dups = readers.duplicate_ids(ds, source.id_column)
     ds = build.skip_done(ds)
+    text_column, text_name = source.text_column
     return ds.map_batches(
         stages.prepare_images,
         fn_kwargs=dict(
@@ -113,12 +119,13 @@ def prepare_images(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
             image_column=source.image_column,
             image_uri_column=source.image_uri_column,
             id_column=source.id_column,
-            question_column=source.question_column,
+            question_column=text_column,
             passthrough=passthrough(spec),
             duplicates=dups,
             image_size=build.prepared.image_size,
             storage=spec.storage,
             max_image_bytes=source.max_image_bytes,
+            question_name=text_name,
         ),
         batch_size=spec.resources.batch_size,
         **build.cpu,

@@ -20,7 +20,14 @@ import ray
 from pydantic import Field, field_validator
 
 from janus_batch import stages
-from janus_batch.curation import SCORE_COLUMNS, SelectionRule, find_duplicates, normalise_prompt, score_quantiles
+from janus_batch.curation import (
+    CANDIDATE_FIELDS,
+    SCORE_COLUMNS,
+    SelectionRule,
+    find_duplicates,
+    normalise_prompt,
+    score_quantiles,
+)
 from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ScoreOptions, TextSampling
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
@@ -34,12 +41,7 @@ _COMMON = {name for name, _ in schemas.COMMON}
 CURATE = pa.schema(
     [
         *[f for f in schemas.SYNTHESIZE if f.name not in _COMMON],
-        ("alignment", pa.float32()),
-        ("aesthetic", pa.float32()),
-        ("score", pa.float32()),
-        ("rank", pa.int32()),
-        ("kept", pa.bool_()),
-        ("caption", pa.string()),
+        *CANDIDATE_FIELDS,
         *schemas.COMMON,
     ]
 )

@@ -18,7 +18,7 @@ from janus_batch.curation import SCORE_COLUMNS, score_quantiles
 from janus_batch.engine import ScoreOptions
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
-from janus_batch.jobs.caption import Caption, ImageInput, passthrough
+from janus_batch.jobs.caption import Caption, ImageInput, passthrough, prepare_images, read_images
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
 from janus_batch.jobs.specs import JobSpec
 
@@ -27,6 +27,10 @@ SCORE_FIELDS = [(name, pa.float32()) for name in SCORE_COLUMNS]
 
 class ScoreInput(ImageInput):
     prompt_column: str | None = Field(None, description="what each image should show, for the alignment; None: none")
+
+    @property
+    def text_column(self) -> tuple[str | None, str]:
+        return self.prompt_column, "prompt"  # the prompts travel where captioning's questions do
 
 
 class ScoreJob(JobSpec):
@@ -71,43 +75,6 @@ def output_schema(prepared: Prepared) -> pa.Schema:
         return output_schema_of(spec, schemas.PATH, [])
     ids = [(c, prepared.schema.field(c).type) for c in passthrough(spec)]
     return output_schema_of(spec, schemas.ROW_HASH, ids)
-
-
-def read_images(build: Build, _) -> ray.data.Dataset:
-    spec, source = build.spec, build.spec.input
-    cpus = spec.resources.cpus_per_task
-    if source.format == "images":
-        return readers.read_image_folder(build.prepared.input_path, spec.storage, cpus)
-    image_columns = [source.image_column, source.image_uri_column, source.prompt_column]
-    columns = [c for c in [*image_columns, *passthrough(spec)] if c]
-    return readers.read_parquet(build.prepared.input_path, spec.storage, list(dict.fromkeys(columns)), cpus)
-
-
-def prepare_images(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
-    spec, source = build.spec, build.spec.input
-    # Over the whole input, done rows included: a rerun finds the same duplicates as the first attempt.
-    dups = set()
-    if source.id_column and source.check_duplicate_ids:
-        dups = readers.duplicate_ids(ds, source.id_column)
-    ds = build.skip_done(ds)
-    return ds.map_batches(
-        stages.prepare_images,
-        fn_kwargs=dict(
-            resume_key=build.resume_key,
-            image_column=source.image_column,
-            image_uri_column=source.image_uri_column,
-            id_column=source.id_column,
-            question_column=source.prompt_column,  # the prompts travel in the question column
-            passthrough=passthrough(spec),
-            duplicates=dups,
-            image_size=build.prepared.image_size,
-            storage=spec.storage,
-            max_image_bytes=source.max_image_bytes,
-            question_name="prompt",
-        ),
-        batch_size=spec.resources.batch_size,
-        **build.cpu,
-    )
 
 
 def score(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
