@@ -15,15 +15,16 @@ setup: .venv/.installed
 run: setup
 	.venv/bin/python pipelines/synthesize.py
 
-# ruff, the whole suite on 2 workers (a worker per file: the Ray and S3 tests wait on processes and sockets as much as
+# ruff, the suite on 2 workers (a worker per file: the Ray and S3 tests wait on processes and sockets as much as
 # they compute), then again on transformers 5.17 (our GPU machines' release) the tests marked compat, those that
 # depend on the transformers version: loading, conversion, a greedy oracle per task, the bench smoke run. They are in
 # these files (.venv-compat has no Ray to collect the others). The GPU check's smoke run (gpu_stack) runs there only:
-# the GPU machines run it on that stack, without Ray.
+# the GPU machines run it on that stack, without Ray. The latency tests (serial) run alone, after the others.
 COMPAT_FILES = tests/test_tiny.py tests/test_loading.py tests/test_images.py tests/test_engine_generation.py \
 	tests/test_engine_understanding.py tests/test_benchmarks.py
 test: setup .venv-compat/.installed
 	.venv/bin/ruff check .
 	.venv/bin/ruff format --check .
-	.venv/bin/python -m pytest -n 2 --dist loadfile -m "not gpu_stack"
-	.venv-compat/bin/python -m pytest -n 2 --dist loadfile -m compat $(COMPAT_FILES)
+	.venv/bin/python -m pytest -n 2 --dist loadfile -m "not gpu_stack and not serial"
+	.venv/bin/python -m pytest -m serial
+	.venv-compat/bin/python -m pytest -m compat $(COMPAT_FILES)

@@ -398,6 +398,7 @@ VALID = [
 ]
 
 
+@pytest.mark.serial  # latencies against the idle ones: measured with no other test running
 def test_slow_clients_delay_no_one(server):
     """Stalled bodies on every route, more than the intake lock admits at once: the other requests take at most a
     second longer than when idle, and each stalled body gets a 408 once body_timeout_s has passed. While they
@@ -443,6 +444,7 @@ def flood_request(url: str, i: int) -> int:
     return response.status_code
 
 
+@pytest.mark.serial  # latencies against the idle ones: measured with no other test running
 def test_a_flood_of_bad_requests_leaves_valid_ones_fast(server):
     """Three clients send bad and oversized requests as fast as they can (bounded) while valid captions are
     timed: their median latency stays within 2x of idle, and every flood request got a 4xx."""
