@@ -27,7 +27,8 @@ def run_dir(request, tmp_path, s3_server):
 
 def holder(run_dir: str, storage, ttl_s: float, then: str, start_at: float = 0.0) -> subprocess.Popen:
     """A process that waits until `start_at` (epoch s), tries to take the lease, prints 'took' or 'held', then
-    runs `then` ('sleep N', or 'crash': exit without giving the lease back)."""
+    runs `then` ('sleep N', then print 'releasing <epoch s>' and give the lease back; or 'crash': exit without
+    giving it back)."""
     revealed = json.dumps(
         dict(
             storage.model_dump(mode="json"),
@@ -51,6 +52,7 @@ def holder(run_dir: str, storage, ttl_s: float, then: str, start_at: float = 0.0
         if {then!r} == "crash":
             os._exit(0)
         time.sleep(float({then!r}.split()[1]))
+        print("releasing", time.time(), flush=True)
         lease.release()
         """
     )
@@ -78,9 +80,12 @@ def test_a_live_lease_is_renewed_and_a_crashed_drivers_lease_expires(run_dir, st
     waiter = RunLease(run_dir, storage, 3)
     waited = time.monotonic()
     waiter.acquire(wait=True, poll_s=0.2)  # until the holder gives it back, ~2 s later
-    assert 0.5 < time.monotonic() - waited < 10
+    acquired_at = time.time()
+    assert time.monotonic() - waited < 10
     waiter.release()
-    live.wait(timeout=30)
+    assert live.wait(timeout=30) == 0
+    word, releasing_at = live.stdout.readline().split()
+    assert word == "releasing" and float(releasing_at) <= acquired_at  # taken only once given back
 
     crashed = holder(run_dir, storage, 3, "crash")
     assert crashed.stdout.readline().strip() == "took" and crashed.wait(timeout=30) == 0
