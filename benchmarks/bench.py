@@ -154,8 +154,10 @@ def decoder_bytes(engine: JanusEngine) -> int:
     return weight_bytes(engine.lm) - weight_bytes(engine.lm.embed_tokens)
 
 
-def generation_roofline(engine: JanusEngine, rows: int, prompt_len: int, bandwidth: float) -> float:
-    """Images/s if each decode step only had to read the weights once and the filled KV cache of 2 x rows."""
+def generation_roofline(engine: JanusEngine, images: int, prompt_len: int, bandwidth: float) -> float:
+    """Images/s of a call for `images` images, at the forward batch the engine runs them in (its memory plan), if
+    each decode step only had to read the weights once and the filled KV cache of 2 x rows."""
+    rows = engine.memory.batch_size(images, 2, prompt_len + engine.num_gen_tokens)
     model = engine.model.model
     weights = decoder_bytes(engine) + weight_bytes(model.generation_aligner) + weight_bytes(model.generation_head)
     mean_filled = prompt_len + engine.num_gen_tokens / 2
@@ -164,11 +166,13 @@ def generation_roofline(engine: JanusEngine, rows: int, prompt_len: int, bandwid
 
 
 def caption_roofline(
-    engine: JanusEngine, rows: int, prompt_len: int, new_tokens: int, bandwidth: float, flops: float
+    engine: JanusEngine, captions: int, prompt_len: int, new_tokens: int, bandwidth: float, flops: float
 ) -> float:
-    """Captions/s if the prefill ran at the measured matrix-product rate (2 FLOP per weight per token: the
-    decoder over the prompt, the vision tower over the image's patches; attention is ~2% more) and each decode
-    step only had to read the weights once and the filled KV cache at the measured bandwidth."""
+    """Captions/s of a call for `captions` captions, at the engine's forward batch, if the prefill ran at the
+    measured matrix-product rate (2 FLOP per weight per token: the decoder over the prompt, the vision tower over
+    the image's patches; attention is ~2% more) and each decode step only had to read the weights once and the
+    filled KV cache at the measured bandwidth."""
+    rows = engine.memory.batch_size(captions, 1, prompt_len + new_tokens)
     model = engine.model.model
     vision = sum(p.numel() for p in model.vision_model.parameters()) + sum(
         p.numel() for p in model.aligner.parameters()
@@ -178,6 +182,19 @@ def caption_roofline(
     weights = decoder_bytes(engine) + weight_bytes(engine.model.lm_head)
     kv = rows * decoder.bytes_per_slot(engine.lm, engine.dtype) * (prompt_len + new_tokens / 2)
     return rows / (rows * prefill + new_tokens * (weights + kv) / bandwidth)
+
+
+def measured_on(device_name: str, model: str, dtype: torch.dtype, bandwidth: float, flops: float) -> dict:
+    """The first keys of a benchmark's JSON: the machine, the stack and the model it measured."""
+    return {
+        "device": device_name,
+        "torch": torch.__version__,
+        "transformers": transformers.__version__,
+        "model": model,
+        "dtype": str(dtype),
+        "bandwidth_tb_s": bandwidth / 1e12,
+        "matmul_tflop_s": flops / 1e12,
+    }
 
 
 # A measurement: (what it is, the function that measures it). The plans below are generators, so what runs
@@ -441,23 +458,14 @@ def main(argv: list[str] | None = None) -> None:
             f"{memory['gpu_total_gib']:.1f}: up to {image_batch} images or {caption_batch} captions a batch"
         )
 
-    # The rooflines at the forward batch the engine runs.
-    image_rows = engine.memory.batch_size(prompts * images_per_prompt, 2, prompt_len + engine.num_gen_tokens)
-    caption_rows = engine.memory.batch_size(captions, 1, caption_len + new_tokens)
     rooflines = {
-        "generate": generation_roofline(engine, image_rows, prompt_len, bandwidth),
-        "caption": caption_roofline(engine, caption_rows, caption_len, new_tokens, bandwidth, flops),
+        "generate": generation_roofline(engine, prompts * images_per_prompt, prompt_len, bandwidth),
+        "caption": caption_roofline(engine, captions, caption_len, new_tokens, bandwidth, flops),
     }
     errors: list[str] = []
     rows: list[Row] = []
     result = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "model": args.model,
-        "dtype": str(dtype),
-        "bandwidth_tb_s": bandwidth / 1e12,
-        "matmul_tflop_s": flops / 1e12,
+        **measured_on(device_name, args.model, dtype, bandwidth, flops),
         "rooflines": rooflines,
         "memory": memory | {"kv_slots_after": None},
         "rows": [],

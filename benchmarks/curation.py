@@ -36,7 +36,15 @@ from torch.utils.flop_counter import FlopCounterMode
 from transformers import JanusConfig, PretrainedConfig
 from transformers.models.janus.modeling_janus import JanusVQVAE
 
-from benchmarks.bench import PROMPT, caption_roofline, generation_roofline, measure_bandwidth, measure_matmul, sync
+from benchmarks.bench import (
+    PROMPT,
+    caption_roofline,
+    generation_roofline,
+    measure_bandwidth,
+    measure_matmul,
+    measured_on,
+    sync,
+)
 from janus_batch.engine import (
     DEFAULT_CAPTION_INSTRUCTION,
     ImageSampling,
@@ -214,23 +222,15 @@ def main(argv: list[str] | None = None) -> None:
     # run makes (generation and the caption decode read weights and KV cache; the VQ decode and the scoring
     # prefill are compute, at the matrix-product rate).
     flop_counts = curation_flops(model.config, tokens, caption_tokens)
-    image_rows = engine.memory.batch_size(prompts * CANDIDATES, 2, tokens.generation_prompt + engine.num_gen_tokens)
-    caption_rows = engine.memory.batch_size(prompts * KEPT, 1, tokens.caption_prompt + caption_tokens)
-    generation_rate = generation_roofline(engine, image_rows, tokens.generation_prompt, bandwidth)
-    caption_rate = caption_roofline(engine, caption_rows, tokens.caption_prompt, caption_tokens, bandwidth, flops)
+    generation_rate = generation_roofline(engine, prompts * CANDIDATES, tokens.generation_prompt, bandwidth)
+    caption_rate = caption_roofline(engine, prompts * KEPT, tokens.caption_prompt, caption_tokens, bandwidth, flops)
     roofline_s = {
         "generate": CANDIDATES * (1 / generation_rate + vq_decode_flops(model.config) / flops),
         "score": flop_counts["score"] / flops,
         "caption": KEPT / caption_rate,
     }
     result = {
-        "device": device_name,
-        "torch": torch.__version__,
-        "transformers": transformers.__version__,
-        "model": args.model,
-        "dtype": str(dtype),
-        "bandwidth_tb_s": bandwidth / 1e12,
-        "matmul_tflop_s": flops / 1e12,
+        **measured_on(device_name, args.model, dtype, bandwidth, flops),
         "prompts": prompts,
         "candidates_per_prompt": CANDIDATES,
         "kept_per_prompt": KEPT,

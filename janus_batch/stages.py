@@ -256,7 +256,7 @@ def prepare_prompts(
     """Input rows -> (row_hash, prompt_id, prompt, error). Rows with a missing, mistyped or undecodable prompt or
     id, or an id shared with another row (without an id column: the same prompt text, which would make the same
     images), get an error; the engine checks the prompt text itself later. `dropped`: row_hash -> why the row is
-    not generated (a duplicate prompt, see prompt_duplicates), before any other error of the row."""
+    not generated (a duplicate prompt, see curate.duplicate_prompt_errors), before any other error of the row."""
     prompts = batch[prompt_column].to_pylist()
     ids = batch[id_column].to_pylist() if id_column else prompts
     drops = [dropped.get(h) for h in batch["row_hash"].to_pylist()] if dropped else [None] * batch.num_rows
@@ -282,43 +282,59 @@ def prepare_prompts(
     )
 
 
-class Synthesizer(ModelStage):
-    """Model stage: (row_hash, prompt_id, prompt, error) -> one row per image, or one error row per prompt."""
+class PromptStage(ModelStage):
+    """Model stage of the prompt kinds: (row_hash, prompt_id, prompt, error) -> the rows of each prompt
+    (`outputs`), or one error row per prompt: its own check's, or its model call's (results_per_row)."""
 
-    def __init__(self, *, sampling: ImageSampling, **engine_args):
-        super().__init__(**engine_args)
-        self.sampling = sampling
+    schema: pa.Schema  # of the rows out
+
+    def check_prompt(self, prompt: str) -> str | None:
+        return self.engine.check_prompt(prompt)
 
     def process(self, batch: pa.Table) -> pa.Table:
         rows = batch.to_pylist()
         for row in rows:
             if row[ERROR] is None:
-                row[ERROR] = self.engine.check_prompt(row["prompt"])
+                row[ERROR] = self.check_prompt(row["prompt"])
         good = [row for row in rows if row[ERROR] is None]
-        images, errors = results_per_row(self.generate, good)
+        outputs, errors = results_per_row(self.outputs, good)
         for row, error in zip(good, errors, strict=True):
             row[ERROR] = error
-        images_of = {row["row_hash"]: row_images for row, row_images in zip(good, images, strict=True)}
+        outputs_of = {row["row_hash"]: row_outputs for row, row_outputs in zip(good, outputs, strict=True)}
 
         out = []
         model = dict(model_id=self.engine.model_id, weights_hash=self.engine.weights_hash)
         for row in rows:
             base = dict(row_hash=row["row_hash"], prompt_id=row["prompt_id"], prompt=row["prompt"], **model)
             if row[ERROR] is not None:
-                out.append(dict(base, sample_index=None, pixels=None, width=None, height=None, error=row[ERROR]))
-                continue
-            for image in images_of[row["row_hash"]]:
-                height, width, _ = image.pixels.shape
-                pixels = image.pixels.tobytes()
-                out.append(dict(base, sample_index=image.sample_index, pixels=pixels, width=width, height=height))
-        return pa.Table.from_pylist(out, schema=GENERATED)
+                out.append(dict(base, error=row[ERROR]))  # the schema's other columns null
+            else:
+                out += [dict(base, **output) for output in outputs_of[row["row_hash"]]]
+        return pa.Table.from_pylist(out, schema=self.schema)
 
-    def generate(self, rows: list[dict]) -> list[list]:
-        """The images of each row's prompt."""
+    def outputs(self, rows: list[dict]) -> list[list[dict]]:
+        """Per row, the columns of its output rows beyond `base` (one model call for all the rows)."""
+        raise NotImplementedError
+
+
+class Synthesizer(PromptStage):
+    """Prompt stage: one row per image."""
+
+    schema = GENERATED
+
+    def __init__(self, *, sampling: ImageSampling, **engine_args):
+        super().__init__(**engine_args)
+        self.sampling = sampling
+
+    def outputs(self, rows: list[dict]) -> list[list[dict]]:
         n = self.sampling.images_per_prompt
         prompt_ids = [r["prompt_id"] for r in rows]
         images = self.engine.generate_images([r["prompt"] for r in rows], self.sampling, prompt_ids=prompt_ids)
-        return [images[i * n : (i + 1) * n] for i in range(len(rows))]
+        out = []
+        for image in images:
+            height, width, _ = image.pixels.shape
+            out.append(dict(sample_index=image.sample_index, pixels=image.pixels.tobytes(), width=width, height=height))
+        return [out[i * n : (i + 1) * n] for i in range(len(rows))]
 
 
 # ---- curate: generate, score, select, caption in one model actor ------------------------------------------
@@ -331,12 +347,14 @@ def candidate_key(row_hash: int, sample_index: int) -> str:
     return f"{row_key(row_hash)}_{sample_index:04d}"
 
 
-class Curator(ModelStage):
+class Curator(PromptStage):
     """Model stage of curation: (row_hash, prompt_id, prompt, error) -> a row per candidate image with its scores,
     rank and `kept`, or one error row per prompt. Per call, on the actor's one model: generate the candidates,
     score their uint8 pixels (no PNG round trip), select per prompt, caption the kept ones. Every candidate's row
     leaves (a fixed count per input, which the commit protocol needs); with `write_all` False only the kept ones
     carry their pixels. `caption_sampling` None: no captions."""
+
+    schema = CURATED
 
     def __init__(
         self,
@@ -357,28 +375,10 @@ class Curator(ModelStage):
         if check:
             raise ValueError(f"caption instruction: {check}")
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        rows = batch.to_pylist()
-        for row in rows:
-            if row[ERROR] is None:
-                row[ERROR] = self.engine.check_prompt(row["prompt"]) or self.scorer.check_prompt(row["prompt"])
-        good = [row for row in rows if row[ERROR] is None]
-        candidates, errors = results_per_row(self.curate, good)
-        for row, error in zip(good, errors, strict=True):
-            row[ERROR] = error
-        candidates_of = {row["row_hash"]: c for row, c in zip(good, candidates, strict=True)}
+    def check_prompt(self, prompt: str) -> str | None:
+        return self.engine.check_prompt(prompt) or self.scorer.check_prompt(prompt)
 
-        out = []
-        model = dict(model_id=self.engine.model_id, weights_hash=self.engine.weights_hash)
-        for row in rows:
-            base = dict(row_hash=row["row_hash"], prompt_id=row["prompt_id"], prompt=row["prompt"], **model)
-            if row[ERROR] is not None:
-                out.append(dict(base, error=row[ERROR]))
-                continue
-            out += [dict(base, **candidate) for candidate in candidates_of[row["row_hash"]]]
-        return pa.Table.from_pylist(out, schema=CURATED)
-
-    def curate(self, rows: list[dict]) -> list[list[dict]]:
+    def outputs(self, rows: list[dict]) -> list[list[dict]]:
         """The candidate rows of each row's prompt: generated, scored, ranked, the kept ones captioned."""
         n = self.sampling.images_per_prompt
         prompts = [r["prompt"] for r in rows]

@@ -15,7 +15,6 @@ from pathlib import Path
 import datasets
 import numpy as np
 import pyarrow as pa
-import pyarrow.fs as pafs
 import pyarrow.parquet as pq
 import pytest
 import webdataset as wds
@@ -24,7 +23,7 @@ from PIL import Image
 from janus_batch import stages
 from janus_batch.curation import SelectionRule
 from janus_batch.engine import ImageSampling, ScoreOptions, Scorer, TextSampling
-from janus_batch.io.storage import StorageConfig, fs_path
+from janus_batch.io.storage import StorageConfig
 from janus_batch.jobs import ModelSpec, run
 from janus_batch.jobs.curate import CurateJob, duplicate_prompt_errors
 from tests.fault_proxy import FaultProxy
@@ -268,13 +267,7 @@ def test_curate_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_path,
     else:
         assert {Path(r["file_name"]).stem for r in rows if r["file_name"]} == kept_keys
         local = tmp_path / "imagefolder"
-        fs = storage.filesystem(bucket)
-        for info in fs.get_file_info(pafs.FileSelector(fs_path(f"{bucket}/out/c/images"), recursive=True)):
-            if info.type == pafs.FileType.File:
-                target = local / info.path.split("/images/", 1)[1]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as src:
-                    target.write_bytes(src.read())
+        download_dir(f"{bucket}/out/c/images", storage, local)
         folder = datasets.load_dataset("imagefolder", data_dir=str(local), split="train")
         assert {r["key"] for r in folder} == kept_keys and all(r["caption"] for r in folder)
 

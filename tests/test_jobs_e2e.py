@@ -32,13 +32,15 @@ def prompts_table(prompts: dict[str, str] = PROMPTS) -> pa.Table:
 
 
 def download_dir(uri: str, storage, local: Path) -> list[Path]:
-    """Copy every file under `uri` (s3:// or local) into `local`; returns the local paths, sorted."""
+    """Copy every file under `uri` (s3:// or local) into `local`, at the same relative path; returns the local
+    paths, sorted."""
     fs = storage.filesystem(uri)
-    local.mkdir(parents=True, exist_ok=True)
+    root = fs_path(uri).rstrip("/")
     out = []
-    for info in fs.get_file_info(pafs.FileSelector(fs_path(uri), recursive=True)):
+    for info in fs.get_file_info(pafs.FileSelector(root, recursive=True)):
         if info.type == pafs.FileType.File:
-            target = local / info.base_name
+            target = local / info.path[len(root) + 1 :]
+            target.parent.mkdir(parents=True, exist_ok=True)
             with fs.open_input_stream(info.path) as f:
                 target.write_bytes(f.read())
             out.append(target)
@@ -104,18 +106,11 @@ def test_synthesize_s3_to_s3(ray_cluster, storage, bucket, tiny_model_dir, tmp_p
     else:
         meta = pq.read_table(tmp_path / "data").to_pylist()  # data/ holds Parquet only
         check_rows([m for m in meta if m["error"] is None])
-        images = download_dir(f"{bucket}/out/r1/images", storage, tmp_path / "images")
+        local = tmp_path / "imagefolder"  # the images/ folder as it is, images/{task}/...
+        images = download_dir(f"{bucket}/out/r1/images", storage, local)
         assert {Path(m["file_name"]).name for m in meta if m["file_name"]} == {
             f.name for f in images if f.suffix == ".webp"
         }
-        local = tmp_path / "imagefolder"  # the images/ folder as it is, images/{task}/...
-        fs = storage.filesystem(bucket)
-        for info in fs.get_file_info(pafs.FileSelector(fs_path(f"{bucket}/out/r1/images"), recursive=True)):
-            if info.type == pafs.FileType.File:
-                target = local / info.path.split("/images/", 1)[1]
-                target.parent.mkdir(parents=True, exist_ok=True)
-                with fs.open_input_stream(info.path) as src:
-                    target.write_bytes(src.read())
         folder = datasets.load_dataset("imagefolder", data_dir=str(local), split="train")
         check_rows(list(folder))
         assert all(r["image"].format == "WEBP" and r["image"].size == (64, 64) for r in folder)

@@ -12,6 +12,8 @@ others); `write_all` writes every candidate's image.
 
 from __future__ import annotations
 
+from collections import Counter
+from functools import partial
 from typing import Literal
 
 import pyarrow as pa
@@ -32,7 +34,7 @@ from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ScoreOptions, TextSa
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
-from janus_batch.jobs.synthesize import Synthesize, SynthesizeJob, prompt_columns, read_prompts
+from janus_batch.jobs.synthesize import Synthesize, SynthesizeJob, encode, prompt_columns, read_prompts
 
 DUPLICATE = "duplicate prompt: same text as "
 ONCE_NORMALISED = " once normalised"
@@ -66,13 +68,17 @@ class CurateJob(SynthesizeJob):
         return instruction
 
 
-def prompt_duplicates(ds: ray.data.Dataset, prompt_column: str, id_column: str | None) -> dict[int, str]:
-    """duplicate_prompt_errors over the whole input, done rows included, so a rerun drops the same rows: one pass
-    over its row_hash, prompt (and id) columns."""
+def read_prompt_columns(ds: ray.data.Dataset, prompt_column: str, id_column: str | None) -> pa.Table:
+    """The row_hash, prompt (and id) columns of the whole input, done rows included, on the driver: one pass."""
     columns = list(dict.fromkeys([schemas.ROW_HASH, prompt_column, *([id_column] if id_column else [])]))
     batches = list(ds.select_columns(columns).iter_batches(batch_format="pyarrow", batch_size=None))
-    table = pa.concat_tables(batches) if batches else pa.table({c: [] for c in columns})
-    return duplicate_prompt_errors(table, prompt_column, id_column)
+    return pa.concat_tables(batches) if batches else pa.table({c: [] for c in columns})
+
+
+def repeated_values(column: pa.ChunkedArray) -> set:
+    """The values held by more than one row, as readers.duplicate_ids finds them (NaN one value, nulls none)."""
+    counts = Counter(readers.id_key(v) for v in column.to_pylist() if v is not None)
+    return {value for value, n in counts.items() if n > 1}
 
 
 def duplicate_prompt_errors(table: pa.Table, prompt_column: str, id_column: str | None) -> dict[int, str]:
@@ -114,8 +120,9 @@ def check_prompts(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     check_ids = id_column is not None and (spec.input is None or spec.input.check_duplicate_ids)
     # Over the whole input, done rows included: a rerun finds the same duplicates as the first attempt. Without
     # an id column, repeated prompt texts are the prompt duplicates, of which one is kept.
-    dups = readers.duplicate_ids(ds, id_column) if check_ids else set()
-    dropped = prompt_duplicates(ds, prompt_column, id_column)
+    table = read_prompt_columns(ds, prompt_column, id_column)
+    dups = repeated_values(table[id_column]) if check_ids else set()
+    dropped = duplicate_prompt_errors(table, prompt_column, id_column)
     ds = build.skip_done(ds)
     return ds.map_batches(
         stages.prepare_prompts,
@@ -136,19 +143,6 @@ def curate(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
         caption_instruction=spec.caption_instruction,
         write_all=spec.write_all,
     )
-
-
-def encode(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
-    spec = build.spec
-    post = dict(
-        image_format=spec.output.image_format,
-        run_id=spec.run_id,
-        sampling=spec.sampling,
-        schema=CURATE,
-        progress=build.progress,
-    )
-    # batch_size=None: one block in, one block out, so a prompt's candidates stay in one block.
-    return ds.map_batches(stages.encode_images, fn_kwargs=post, batch_size=None, **build.cpu)
 
 
 def count(mask: pa.ChunkedArray) -> int:
@@ -187,7 +181,7 @@ class Curate(Synthesize):
                 f"generate {per_call}, score ({weights}), select ({rule}){caption} {actor_pool(res)}",
                 curate,
             ),
-            Stage("encode", f"{spec.output.image_format} of {written} (CPU tasks)", encode),
+            Stage("encode", f"{spec.output.image_format} of {written} (CPU tasks)", partial(encode, schema=CURATE)),
         ]
 
     def summary(self, prepared: Prepared, files: RunFiles) -> dict:

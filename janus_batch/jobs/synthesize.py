@@ -5,6 +5,7 @@ read prompts -> check prompts and ids -> generate (model actors) -> encode (PNG/
 
 from __future__ import annotations
 
+from functools import partial
 from typing import Literal
 
 import pyarrow as pa
@@ -99,13 +100,14 @@ def generate(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     return build.model_stage(ds, stages.Synthesizer, sampling=build.spec.sampling)
 
 
-def encode(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
+def encode(build: Build, ds: ray.data.Dataset, *, schema: pa.Schema) -> ray.data.Dataset:
+    """The model stage's rows -> the output `schema`'s, their pixels encoded."""
     spec = build.spec
     post = dict(
         image_format=spec.output.image_format,
         run_id=spec.run_id,
         sampling=spec.sampling,
-        schema=schemas.SYNTHESIZE,
+        schema=schema,
         progress=build.progress,
     )
     # batch_size=None: one block in, one block out, so a prompt's images stay in one block.
@@ -141,5 +143,5 @@ class Synthesize(JobKind):
             Stage("read", f"Parquet prompts from {source} (resume key: row_hash)", read_prompts),
             Stage("prepare", f"check prompts and ids (CPU tasks, {res.cpus_per_task} CPU each)", check_prompts),
             Stage("generate", f"{per_call} {actor_pool(res)}", generate),
-            Stage("encode", f"{spec.output.image_format} (CPU tasks)", encode),
+            Stage("encode", f"{spec.output.image_format} (CPU tasks)", partial(encode, schema=schemas.SYNTHESIZE)),
         ]
