@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import itertools
 import logging
+import os
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -15,6 +16,11 @@ from moto.server import ThreadedMotoServer
 from janus_batch.engine import JanusEngine
 from janus_batch.model.tiny import build_tiny_model, write_tiny_model
 from tests.helpers import free_port
+
+# Ray Data reads Parquet footers with a pool of 32 actors per read (its default), each a new worker process: on
+# this suite's 2 cores those dominated a small job's start. One is plenty for the tests' few files. Set before any
+# Ray cluster or pipeline subprocess starts, which inherit it.
+os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 
 
 @pytest.fixture(scope="session")
