@@ -51,6 +51,7 @@ from janus_batch.jobs.kinds import Build, Prepared
 from janus_batch.jobs.registry import KINDS
 from janus_batch.jobs.specs import JobSpec
 from janus_batch.model import check_weights
+from janus_batch.progress import ProgressCounter, report_progress
 
 # Ray Data splits blocks above this size; one model call's output must stay one block (see module doc).
 MAX_BLOCK_BYTES = 2**30
@@ -226,7 +227,7 @@ def build_pipeline(
 ) -> ray.data.Dataset:
     """The job's Dataset up to (not including) the write: finished output rows of the inputs that `present` (what
     the run's data hold, see reconcile_run) lacks, with the job's block-size settings on its context.
-    `progress`: an optional ProgressCounter actor."""
+    `progress`: an optional progress.ProgressCounter actor."""
     prepared = prepared or prepare(spec)
     spec = prepared.spec
     done = present.done if present is not None else None
@@ -257,34 +258,8 @@ def writer_for(spec: JobSpec, prepared: Prepared) -> RunWriter:
 # ---- running -----------------------------------------------------------------------------------------
 
 
-@ray.remote(num_cpus=0)
-class ProgressCounter:
-    def __init__(self):
-        self.rows = 0
-        self.errors = 0
-
-    def add(self, rows: int, errors: int) -> None:
-        self.rows += rows
-        self.errors += errors
-
-    def get(self) -> tuple[int, int]:
-        return self.rows, self.errors
-
-
 class RunIncomplete(RuntimeError):
     """A run that ended without every input's rows in its data (summary.json says which): rerun its run id."""
-
-
-def report_progress(counter, total: int, before: int, start: float, stop: threading.Event, every: float) -> None:
-    """Print rows done (of about `total`: an input that fails makes one row), rows/s and ETA every `every`
-    seconds until `stop` is set."""
-    while not stop.wait(every):
-        rows, errors = ray.get(counter.get.remote())
-        elapsed = time.perf_counter() - start
-        rate = rows / elapsed
-        left = max(total - before - rows, 0)
-        eta = f"{left / rate:.0f} s" if rate > 0 else "?"
-        print(f"[janus-batch] {before + rows}/{total} rows ({errors} errors), {rate:.2f} rows/s, ETA {eta}", flush=True)
 
 
 def write_outputs(prepared: Prepared, before: Reconciled, inputs: int, start: float, progress_every_s: float) -> None:
