@@ -578,95 +578,106 @@ def s3_key_error(uri: str) -> str | None:
     return None
 
 
-class Describer(ModelStage):
-    """Model stage for captioning and VQA: prepared images (+ questions) -> text, tokens, finish reason."""
+class ImageStage(ModelStage):
+    """Model stage of the image kinds: prepared images (+ a question each) -> the batch's rows with `columns`
+    added, one model call for the rows without an error; a row the call fails gets its error (results_per_row)."""
 
-    def __init__(self, *, sampling: TextSampling, instruction: str, resume_key: str, text_column: str, **engine_args):
+    drop: list[str]  # the prepared columns the output does not keep
+
+    def __init__(self, *, resume_key: str, **engine_args):
         super().__init__(**engine_args)
-        self.sampling = sampling
-        self.instruction = instruction
         self.resume_key = resume_key
-        self.text_column = text_column
+
+    def check(self, question: str | None) -> str | None:
+        """Why a row's question cannot be used, or None (the prepare stage checked its image)."""
+        return None
 
     def process(self, batch: pa.Table) -> pa.Table:
         size = self.engine.image_size
         errors = batch[ERROR].to_pylist()
+        questions = batch["question"].to_pylist()
+        for i, question in enumerate(questions):
+            errors[i] = errors[i] or self.check(question)
         keys = [row_key(k) for k in batch[self.resume_key].to_pylist()]
         good = [i for i, e in enumerate(errors) if e is None]
         pixels = batch[PREPARED_IMAGE].to_pylist()
-        questions = batch["question"].to_pylist()
-        arrays = {i: np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in good}
 
-        def understand(rows: list[int]) -> list:
-            images, row_questions = [arrays[i] for i in rows], [questions[i] for i in rows]
-            row_ids = [keys[i] for i in rows]
-            return self.engine.understand(
-                images, row_questions, self.sampling, instruction=self.instruction, row_ids=row_ids
-            )
+        def call(rows: list[int]) -> list:
+            images = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in rows])
+            return self.outputs(images, [questions[i] for i in rows], [keys[i] for i in rows])
 
-        texts, good_errors = results_per_row(understand, good)
-        results = dict(zip(good, texts, strict=True))
+        results, good_errors = results_per_row(call, good)
+        result_of = dict(zip(good, results, strict=True))
         for i, error in zip(good, good_errors, strict=True):
             errors[i] = error
         n = batch.num_rows
-        done = [results.get(i) for i in range(n)]
         columns = {
             "key": pa.array(keys, pa.string()),
-            self.text_column: pa.array([r and r.text for r in done], pa.string()),
-            "num_tokens": pa.array([r and r.num_tokens for r in done], pa.int32()),
-            "finish_reason": pa.array([r and r.finish_reason for r in done], pa.string()),
+            **self.columns([result_of.get(i) for i in range(n)]),
             "model_id": pa.array([self.engine.model_id] * n, pa.string()),
             "weights_hash": pa.array([self.engine.weights_hash] * n, pa.string()),
             ERROR: pa.array(errors, pa.string()),
         }
-        table = batch.drop_columns([PREPARED_IMAGE, ERROR])
+        table = batch.drop_columns([PREPARED_IMAGE, ERROR, *self.drop])
         for name, array in columns.items():
             table = table.append_column(name, array)
         return table
 
+    def outputs(self, images: np.ndarray, questions: list[str | None], keys: list[str]) -> list:
+        """A result per image, in one model call."""
+        raise NotImplementedError
 
-class ImageScorer(ModelStage):
-    """Model stage of scoring an image corpus: prepared images (+ a prompt each, in `question`, or None: the
-    aesthetic alone) -> alignment, aesthetic, combined score."""
+    def columns(self, results: list) -> dict[str, pa.Array]:
+        """The output columns of the results (None for a row in error)."""
+        raise NotImplementedError
 
-    def __init__(self, *, scores: ScoreOptions, resume_key: str, **engine_args):
+
+class Describer(ImageStage):
+    """Image stage for captioning and VQA: text, tokens, finish reason."""
+
+    drop = []
+
+    def __init__(self, *, sampling: TextSampling, instruction: str, text_column: str, **engine_args):
+        super().__init__(**engine_args)
+        self.sampling = sampling
+        self.instruction = instruction
+        self.text_column = text_column
+
+    def outputs(self, images: np.ndarray, questions: list[str | None], keys: list[str]) -> list:
+        return self.engine.understand(
+            list(images), questions, self.sampling, instruction=self.instruction, row_ids=keys
+        )
+
+    def columns(self, results: list) -> dict[str, pa.Array]:
+        return {
+            self.text_column: pa.array([r and r.text for r in results], pa.string()),
+            "num_tokens": pa.array([r and r.num_tokens for r in results], pa.int32()),
+            "finish_reason": pa.array([r and r.finish_reason for r in results], pa.string()),
+        }
+
+
+class ImageScorer(ImageStage):
+    """Image stage of scoring an image corpus: a prompt each in `question` (or None: the aesthetic alone) ->
+    alignment, aesthetic, combined score."""
+
+    drop = ["question"]
+
+    def __init__(self, *, scores: ScoreOptions, **engine_args):
         super().__init__(**engine_args)
         self.scorer = Scorer(self.engine, scores)
-        self.resume_key = resume_key
 
-    def process(self, batch: pa.Table) -> pa.Table:
-        size = self.engine.image_size
-        errors = batch[ERROR].to_pylist()
-        prompts = batch["question"].to_pylist()
-        for i, prompt in enumerate(prompts):
-            if errors[i] is None and prompt is not None:
-                errors[i] = self.scorer.check_prompt(prompt)
-        good = [i for i, e in enumerate(errors) if e is None]
-        pixels = batch[PREPARED_IMAGE].to_pylist()
+    def check(self, question: str | None) -> str | None:
+        return None if question is None else self.scorer.check_prompt(question)
 
-        def score(rows: list[int]) -> list:
-            arrays = np.stack([np.frombuffer(pixels[i], np.uint8).reshape(size, size, 3) for i in rows])
-            return self.scorer.score(arrays, [prompts[i] for i in rows])
+    def outputs(self, images: np.ndarray, questions: list[str | None], keys: list[str]) -> list:
+        return self.scorer.score(images, questions)
 
-        scores, good_errors = results_per_row(score, good)
-        results = dict(zip(good, scores, strict=True))
-        for i, error in zip(good, good_errors, strict=True):
-            errors[i] = error
-        n = batch.num_rows
-        done = [results.get(i) for i in range(n)]
-        columns = {
-            "key": pa.array([row_key(k) for k in batch[self.resume_key].to_pylist()], pa.string()),
-            "alignment": pa.array([s and s.alignment for s in done], pa.float32()),
-            "aesthetic": pa.array([s and s.aesthetic for s in done], pa.float32()),
-            "score": pa.array([s and s.combined for s in done], pa.float32()),
-            "model_id": pa.array([self.engine.model_id] * n, pa.string()),
-            "weights_hash": pa.array([self.engine.weights_hash] * n, pa.string()),
-            ERROR: pa.array(errors, pa.string()),
+    def columns(self, results: list) -> dict[str, pa.Array]:
+        return {
+            "alignment": pa.array([s and s.alignment for s in results], pa.float32()),
+            "aesthetic": pa.array([s and s.aesthetic for s in results], pa.float32()),
+            "score": pa.array([s and s.combined for s in results], pa.float32()),
         }
-        table = batch.drop_columns([PREPARED_IMAGE, ERROR, "question"])
-        for name, array in columns.items():
-            table = table.append_column(name, array)
-        return table
 
 
 def finish_text_rows(batch: pa.Table, *, run_id: str, schema: pa.Schema, progress=None) -> pa.Table:
