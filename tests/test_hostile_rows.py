@@ -459,7 +459,9 @@ def test_a_stopped_model_actor_is_killed_and_its_call_retried(ray_cluster, tiny_
         gpus=0,
         storage=StorageConfig(),
         batching=dict(max_batch_rows=8),
-        call_timeout_s=2,
+        # Well above a call of 2 tiny images on a loaded 2-core machine (at 2 s the retry itself was once killed
+        # too), well below the test's patience.
+        call_timeout_s=6,
         sampling=ImageSampling(images_per_prompt=1),
         marks=str(tmp_path),
     )
