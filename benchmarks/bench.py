@@ -38,9 +38,10 @@ import transformers
 from PIL import Image
 from transformers import StaticCache
 
-from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder, memory
+from janus_batch.engine import JanusEngine, decoder, memory
 from janus_batch.engine.images import normalize
 from janus_batch.model.random_init import SIZES, build_random_model, weight_bytes
+from janus_batch.options import ImageSampling, TextSampling
 from tests.reference import reference_generate
 
 PROMPT = "A stunning princess from kabul in red, white traditional clothing, blue eyes, brown hair"

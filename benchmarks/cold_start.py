@@ -52,7 +52,8 @@ def first_batch(source: str) -> dict:
     import torch
 
     from benchmarks.bench import PROMPT
-    from janus_batch.engine import ImageSampling, JanusEngine
+    from janus_batch.engine import JanusEngine
+    from janus_batch.options import ImageSampling
 
     start = time.perf_counter()
     engine = JanusEngine.from_pretrained(source)

@@ -45,16 +45,10 @@ from benchmarks.bench import (
     measured_on,
     sync,
 )
-from janus_batch.engine import (
-    DEFAULT_CAPTION_INSTRUCTION,
-    ImageSampling,
-    JanusEngine,
-    ScoreOptions,
-    Scorer,
-    TextSampling,
-)
-from janus_batch.model import EOI
+from janus_batch.engine import JanusEngine, Scorer
 from janus_batch.model.random_init import SIZES, build_random_model
+from janus_batch.model.tokens import EOI
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, ScoreOptions, TextSampling
 
 CANDIDATES = 16  # per prompt, DeepSeek's default
 KEPT = 4  # per prompt, captioned

@@ -16,8 +16,9 @@ from pathlib import Path
 
 from PIL import Image
 
-from janus_batch.engine import ImageSampling, JanusEngine, TextSampling
+from janus_batch.engine import JanusEngine
 from janus_batch.model.tiny import ensure_tiny_model
+from janus_batch.options import ImageSampling, TextSampling
 
 DEMO_PROMPTS = [
     "A photo of a red fox sitting in the snow, golden hour.",

@@ -15,7 +15,7 @@ Routes (JSON in, JSON out; images travel as base64 strings of encoded PNG/JPEG/W
 One replica holds one model (on one GPU when num_gpus > 0). Concurrent requests are queued by `serve.batch` and
 run as one engine call (one for understanding, one for generation); requests whose sampling options differ are
 split into separate engine calls within a batch, since the engine takes one set of options per call. The options
-are the engine's own (janus_batch/engine/options.py: ImageSampling, TextSampling), their fields flat in the body,
+are the engine's own (janus_batch/options.py: ImageSampling, TextSampling), their fields flat in the body,
 with Serve's caps on top (ServeArgs; a max_new_tokens not given is the default capped at the server's). Everything
 a request can get wrong is checked before it joins a batch, so a bad request never fails its neighbours.
 
@@ -61,17 +61,11 @@ from pydantic import BaseModel, ConfigDict, Field, Secret, SecretStr, Validation
 from ray import serve
 from ray.serve import Application
 
-from janus_batch.engine import (
-    DEFAULT_CAPTION_INSTRUCTION,
-    GeneratedImage,
-    ImageInputError,
-    ImageSampling,
-    JanusEngine,
-    TextSampling,
-    decode_image,
-    memory_share,
-)
+from janus_batch.engine import GeneratedImage, JanusEngine
+from janus_batch.engine.memory import memory_share
+from janus_batch.model.preprocessing import ImageInputError, decode_image
 from janus_batch.model.tiny import ensure_tiny_model
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 
 MAX_TEXT_CHARS = 8192  # any prompt, question or instruction; the token limit is checked against the model
 # Request bodies are limited per route to what its limits allow: base64 images, texts of MAX_TEXT_CHARS (a

@@ -22,20 +22,12 @@ import pyarrow as pa
 from PIL import Image
 
 from janus_batch.curation import CANDIDATE_FIELDS, Candidate, SelectionRule, select_candidates
-from janus_batch.engine import (
-    ImageInputError,
-    ImageSampling,
-    JanusEngine,
-    ScoreOptions,
-    Scorer,
-    TextSampling,
-    decode_image,
-    preprocess_image,
-)
 from janus_batch.io.readers import id_key, row_key
 from janus_batch.io.schemas import ERROR
 from janus_batch.io.storage import StorageConfig, StoreUnavailable, read_bytes
 from janus_batch.io.writers import IMAGE_EXTENSIONS
+from janus_batch.model.preprocessing import ImageInputError, decode_image, preprocess_image
+from janus_batch.options import ImageSampling, ScoreOptions, TextSampling
 
 # ---- shared ----------------------------------------------------------------------------------------------
 
@@ -43,13 +35,19 @@ from janus_batch.io.writers import IMAGE_EXTENSIONS
 def load_engine(model: dict, gpus: float, storage: StorageConfig, batching: dict):
     """The engine for a job's `model` (a ModelSpec's fields, and `weights_hash`: the weights that made the run's
     rows so far, or None). A model whose weights changed under the same source is refused: its rows would
-    differ from the run's."""
+    differ from the run's. `batching`: the engine's batch settings, gpu_memory_utilization as a whole GPU's.
+
+    The engine (torch, transformers) is imported here, in the model actor: this module is also what the driver
+    and the CPU workers import, and they never need it."""
     import torch
 
+    from janus_batch.engine import JanusEngine
+    from janus_batch.engine.memory import memory_share
     from janus_batch.model.tiny import ensure_tiny_model
 
     # The tiny default is written per node into the local cache: a path from the driver may not exist here.
     source = model["source"] or str(ensure_tiny_model())
+    share = memory_share(batching["gpu_memory_utilization"], gpus)  # actors that share a GPU share its memory
     engine = JanusEngine.from_pretrained(
         source,
         dtype=None if model["dtype"] == "auto" else getattr(torch, model["dtype"]),
@@ -58,7 +56,7 @@ def load_engine(model: dict, gpus: float, storage: StorageConfig, batching: dict
         allow_pickle=model["allow_pickle"],
         revision=model["revision"],
         prompt_format=model["prompt_format"],
-        **batching,
+        **dict(batching, gpu_memory_utilization=share),
     )
     if model.get("weights_hash") and engine.weights_hash != model["weights_hash"]:
         raise ValueError(
@@ -370,6 +368,8 @@ class Curator(PromptStage):
         super().__init__(**engine_args)
         self.sampling, self.selection, self.write_all = sampling, selection, write_all
         self.caption_sampling, self.caption_instruction = caption_sampling, caption_instruction
+        from janus_batch.engine import Scorer  # in the actor, as the engine (load_engine)
+
         self.scorer = Scorer(self.engine, scores)  # refuses options the tokenizer cannot score
         check = caption_sampling and self.engine.check_question(caption_instruction, caption_sampling.max_new_tokens)
         if check:
@@ -663,6 +663,8 @@ class ImageScorer(ImageStage):
     drop = ["question"]
 
     def __init__(self, *, scores: ScoreOptions, **engine_args):
+        from janus_batch.engine import Scorer  # in the actor, as the engine (load_engine)
+
         super().__init__(**engine_args)
         self.scorer = Scorer(self.engine, scores)
 

@@ -10,8 +10,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, TextSampling  # noqa: E402
 from janus_batch.jobs.cli import common_parser, main  # noqa: E402
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, TextSampling  # noqa: E402
 
 FLAGS = {
     "task": "task",

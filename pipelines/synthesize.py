@@ -16,8 +16,8 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ImageSampling  # noqa: E402
 from janus_batch.jobs.cli import SCORE_WEIGHT_FLAGS, add_score_weights, common_parser, main  # noqa: E402
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling  # noqa: E402
 
 FLAGS = {
     "input": "input.path",

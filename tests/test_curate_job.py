@@ -22,10 +22,11 @@ from PIL import Image
 
 from janus_batch import stages
 from janus_batch.curation import SelectionRule
-from janus_batch.engine import ImageSampling, ScoreOptions, Scorer, TextSampling
+from janus_batch.engine import Scorer
 from janus_batch.io.storage import StorageConfig
 from janus_batch.jobs import ModelSpec, run
 from janus_batch.jobs.curate import CurateJob, duplicate_prompt_errors, repeated_values
+from janus_batch.options import ImageSampling, ScoreOptions, TextSampling
 from tests.fault_proxy import FaultProxy
 from tests.helpers import encoded
 from tests.jobs_data import synth_spec, write_parquet
@@ -61,7 +62,7 @@ def make_curator(tiny_model_dir):
             model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
             gpus=0,
             storage=StorageConfig(),
-            batching=dict(max_batch_rows=16),
+            batching=dict(max_batch_rows=16, gpu_memory_utilization=0.9),
             call_timeout_s=600,
             sampling=SAMPLING,
             scores=ScoreOptions(),

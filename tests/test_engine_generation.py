@@ -15,12 +15,13 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder, memory
+from janus_batch.engine import JanusEngine, decoder, memory
 from janus_batch.engine.engine import STOP_CHECK_EVERY
 from janus_batch.engine.prompts import generation_prompt, understanding_prompt
 from janus_batch.engine.sampling import gumbel_noise, id32, row_key, vocab_codes
 from janus_batch.model.random_init import build_random_model, weight_bytes
 from janus_batch.model.tiny import build_tiny_model
+from janus_batch.options import ImageSampling, TextSampling
 from tests.reference import (
     first_step_distribution,
     first_step_logits,

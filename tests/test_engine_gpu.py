@@ -14,9 +14,10 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import ImageSampling, JanusEngine, TextSampling, decoder
+from janus_batch.engine import JanusEngine, decoder
 from janus_batch.engine.prompts import generation_prompt
 from janus_batch.model.tiny import build_tiny_model
+from janus_batch.options import ImageSampling, TextSampling
 from tests.reference import reference_attention, reference_generate
 
 pytestmark = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")

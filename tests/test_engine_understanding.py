@@ -8,9 +8,10 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, JanusEngine, TextSampling, decoder, memory, sampling
+from janus_batch.engine import JanusEngine, decoder, memory, sampling
 from janus_batch.engine.images import normalize
 from janus_batch.engine.prompts import understanding_prompt
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, TextSampling
 from tests.helpers import encoded
 from tests.reference import gof_pvalue, pad_id, truncated, understanding_ids
 

@@ -25,11 +25,12 @@ from PIL import Image
 from ray.data import ActorPoolStrategy
 
 from janus_batch import stages
-from janus_batch.engine import ImageSampling, decode_image, preprocess_image
 from janus_batch.io import readers
 from janus_batch.io.storage import StorageConfig, write_bytes
 from janus_batch.jobs import CaptionJob, SynthesizeJob, run
 from janus_batch.jobs.pipeline import prepare
+from janus_batch.model.preprocessing import decode_image, preprocess_image
+from janus_batch.options import ImageSampling
 from tests.helpers import encoded
 from tests.jobs_data import SMALL_RESOURCES, prepared_images, sample_images, write_parquet
 
@@ -458,7 +459,7 @@ def test_a_stopped_model_actor_is_killed_and_its_call_retried(ray_cluster, tiny_
         model={**SynthesizeJob().model.model_dump(), "source": str(tiny_model_dir)},
         gpus=0,
         storage=StorageConfig(),
-        batching=dict(max_batch_rows=8),
+        batching=dict(max_batch_rows=8, gpu_memory_utilization=0.9),
         # Well above a call of 2 tiny images on a loaded 2-core machine (at 2 s the retry itself was once killed
         # too), well below the test's patience.
         call_timeout_s=6,

@@ -12,10 +12,12 @@ import pytest
 import torch
 from PIL import Image
 
-from janus_batch.engine import ImageInputError, JanusEngine, TextSampling, decode_image, preprocess_image
-from janus_batch.engine.images import normalize, to_rgb, value_table
-from janus_batch.model import Preprocessing, load_janus
+from janus_batch.engine import JanusEngine
+from janus_batch.engine.images import normalize, value_table
+from janus_batch.model.load import load_janus
+from janus_batch.model.preprocessing import ImageInputError, Preprocessing, decode_image, preprocess_image, to_rgb
 from janus_batch.model.tiny import build_tiny_model
+from janus_batch.options import TextSampling
 from tests.helpers import encoded
 from tests.reference import reference_pixels
 

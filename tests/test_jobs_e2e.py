@@ -17,9 +17,10 @@ import pytest
 import webdataset as wds
 from PIL import Image
 
-from janus_batch.engine import ImageSampling, JanusEngine, TextSampling
+from janus_batch.engine import JanusEngine
 from janus_batch.io.storage import fs_path
 from janus_batch.jobs import CaptionJob, SynthesizeJob, pipeline, run
+from janus_batch.options import ImageSampling, TextSampling
 from tests.jobs_data import SMALL_RESOURCES, read_parquet_dir, sample_images, synth_spec, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]

@@ -6,6 +6,7 @@ from __future__ import annotations
 import io
 import json
 import runpy
+import subprocess
 import sys
 import tarfile
 from datetime import date, datetime, timezone
@@ -22,7 +23,7 @@ from PIL import Image
 from pydantic import ValidationError
 
 from janus_batch import stages
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling, decode_image, preprocess_image
+from janus_batch.engine import JanusEngine
 from janus_batch.engine import engine as engine_module
 from janus_batch.io.commits import RunFiles
 from janus_batch.io.readers import list_input_files
@@ -32,7 +33,9 @@ from janus_batch.jobs import KINDS, CaptionJob, SynthesizeJob
 from janus_batch.jobs.kinds import model_stage_args
 from janus_batch.jobs.pipeline import cpu_shortfall, prepare
 from janus_batch.jobs.specs import RUN_ID, ModelSpec, ResourceSpec, resolve_run_id
-from janus_batch.model import load_janus
+from janus_batch.model.load import load_janus
+from janus_batch.model.preprocessing import decode_image, preprocess_image
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 from tests.helpers import encoded, free_port
 from tests.jobs_data import prepared_images, sample_images, write_parquet
 
@@ -100,6 +103,20 @@ def test_caption_spec_modes():
         CaptionJob.model_validate({"input": {"path": "x"}, "instruction": "  "})
     with pytest.raises(ValidationError, match="output format 'files' writes images"):
         CaptionJob.model_validate({"input": {"path": "x"}, "output": {"format": "files"}})
+
+
+def test_the_driver_and_the_cpu_stages_load_without_torch():
+    """A job's driver (the entry points, the job kinds) and its CPU workers (stages.py, the report) never import
+    torch or transformers, which cost 5 to 7 s of CPU and about 500 MB per process: only a model actor loads the
+    engine."""
+    code = (
+        "import sys; sys.path[:0] = ['pipelines']\n"
+        "import synthesize, caption, vqa, score, janus_batch.stages, janus_batch.report\n"
+        "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
+    )
+    root = Path(__file__).parent.parent
+    loaded = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    assert loaded.stdout.strip() == "[]", loaded.stdout
 
 
 def test_every_kind_is_registered_under_its_spec_kind():
@@ -310,7 +327,7 @@ def test_synthesizer_rows_and_per_row_errors(tiny_model_dir, storage, monkeypatc
         model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
         gpus=0,
         storage=storage,
-        batching=dict(max_batch_rows=8),
+        batching=dict(max_batch_rows=8, gpu_memory_utilization=0.9),
         call_timeout_s=600,
         sampling=ImageSampling(images_per_prompt=2),
     )
@@ -360,7 +377,7 @@ def test_describer_caption_and_vqa(tiny_model_dir, storage):
         model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
         gpus=0,
         storage=storage,
-        batching=dict(max_batch_rows=8),
+        batching=dict(max_batch_rows=8, gpu_memory_utilization=0.9),
         call_timeout_s=600,
         sampling=TextSampling(max_new_tokens=5),
         instruction=DEFAULT_CAPTION_INSTRUCTION,
@@ -390,9 +407,20 @@ def test_cpu_shortfall_is_named_before_a_run_would_wait_forever():
     assert cpu_shortfall(pool, 9) is None and "needs 9 CPUs" in cpu_shortfall(pool, 8)
 
 
-def test_actors_sharing_a_gpu_share_its_memory():
+def test_actors_sharing_a_gpu_share_its_memory(monkeypatch):
+    asked = {}
+
+    def from_pretrained(source, **kwargs):  # what the model actor asks of the engine, without loading a model
+        asked.update(kwargs)
+        return type("Loaded", (), {"weights_hash": None})()
+
+    monkeypatch.setattr(JanusEngine, "from_pretrained", from_pretrained)
+
     def batching(**resources) -> dict:
-        return model_stage_args(SynthesizeJob(resources=resources))[1]["batching"]
+        spec = SynthesizeJob(model={"source": "/models/janus"}, resources=resources)
+        actor = model_stage_args(spec)[1]
+        stages.load_engine(actor["model"], actor["gpus"], actor["storage"], actor["batching"])
+        return {name: asked[name] for name in ("max_batch_rows", "gpu_memory_utilization")}
 
     assert batching(gpus_per_actor=1) == {"max_batch_rows": None, "gpu_memory_utilization": 0.9}
     assert batching(gpus_per_actor=0.5, max_batch_rows=32)["gpu_memory_utilization"] == pytest.approx(0.45)

@@ -31,22 +31,18 @@ from transformers import (
 )
 
 from janus_batch.engine import JanusEngine
-from janus_batch.model import (
-    CorruptWeightsError,
+from janus_batch.model import checkpoint, convert, sources
+from janus_batch.model.checkpoint import CorruptWeightsError, WrongModelTypeError
+from janus_batch.model.load import load_janus
+from janus_batch.model.sources import (
     ModelLoadError,
     ModelNotFoundError,
     PickleWeightsError,
     S3AccessError,
-    WrongModelTypeError,
     check_weights,
-    checkpoint,
-    convert,
-    load_janus,
-    prompt_format_of,
-    sources,
 )
 from janus_batch.model.tiny import build_tiny_model, write_tiny_model
-from janus_batch.model.tokens import BOS, EOS, IMAGE, PAD
+from janus_batch.model.tokens import BOS, EOS, IMAGE, PAD, prompt_format_of
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 # Facts about the published checkpoints (tests/data/checkpoints/README.md): configs and processor files as
@@ -126,7 +122,7 @@ def test_unknown_dtype_is_refused(tiny_model_dir):
 
 def test_weights_hash_follows_the_weights(tiny_model_dir, tmp_path):
     other = write_tiny_model(tmp_path / "seed1", image_size=64, seed=1)  # same layout, other values
-    files = checkpoint.weight_files(other, allow_pickle=False)
+    files = sources.weight_files(other, allow_pickle=False)
     assert checkpoint.weights_hash(files, other) != load_janus(str(tiny_model_dir), device="cpu").weights_hash
 
 

@@ -16,9 +16,9 @@ from tokenizers import Regex, Tokenizer, decoders, models, pre_tokenizers, train
 from transformers import JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor, PreTrainedTokenizerFast
 
 from janus_batch.engine import JanusEngine, decoder
-from janus_batch.engine.options import ImageSampling
-from janus_batch.engine.scoring import ImageScore, ScoreOptions, Scorer, answer_tokens
+from janus_batch.engine.scoring import ImageScore, Scorer, answer_tokens
 from janus_batch.model.tiny import BOI, EOI, GEOMETRIES, IMAGE, build_tiny_model, tiny_config
+from janus_batch.options import ImageSampling, ScoreOptions
 from tests.reference import reference_pixels, understanding_ids
 
 PUBLISHED = Path(__file__).parent / "data" / "checkpoints" / "configs" / "Janus-Pro-7B"

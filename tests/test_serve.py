@@ -27,7 +27,7 @@ from ray import serve
 from ray.serve import Application
 from ray.serve.schema import ServeDeploySchema
 
-from janus_batch.engine.options import ImageSampling
+from janus_batch.options import ImageSampling
 from janus_batch.serve import GenerateJob, ServeArgs, build_app, read_auth_token, run_by_options
 from tests.helpers import encoded, free_port
 

@@ -9,9 +9,9 @@ import pytest
 import torch
 
 from janus_batch import stages
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 from janus_batch.io.storage import StorageConfig
 from janus_batch.jobs import ModelSpec
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 from tests.jobs_data import prepared_images, sample_images
 
 # Text that names CUDA: a row's error may quote the row (a prompt, a path), and is still that row's own.
@@ -31,7 +31,7 @@ def model_stages(tiny_model_dir) -> dict:
         model=ModelSpec(source=str(tiny_model_dir)).model_dump(),
         gpus=0,
         storage=StorageConfig(),
-        batching=dict(max_batch_rows=8),
+        batching=dict(max_batch_rows=8, gpu_memory_utilization=0.9),
         call_timeout_s=600,
     )
     synthesizer = stages.Synthesizer(sampling=ImageSampling(images_per_prompt=1), **engine_args)

@@ -24,16 +24,18 @@ from PIL import Image
 from janus_batch.engine import decoder, steps
 from janus_batch.engine.images import prepare_image, value_table, vq_decode
 from janus_batch.engine.memory import DecodeMemory
-from janus_batch.engine.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 from janus_batch.engine.prompts import (
     DEFAULT_SYSTEM_PROMPT,
     generation_prompt,
     reserved_tokens,
     resolve_prompt_format,
+    text_error,
     understanding_prompt,
 )
 from janus_batch.engine.sampling import vocab_codes
-from janus_batch.model import Preprocessing, load_janus
+from janus_batch.model.load import load_janus
+from janus_batch.model.preprocessing import Preprocessing
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ImageSampling, TextSampling
 
 # Checked every this many decode steps whether all rows have stopped (the only host sync in the loop).
 STOP_CHECK_EVERY = 8
@@ -128,30 +130,21 @@ class JanusEngine:
             understanding_prompt(question, self.num_image_tokens, self.system_prompt, self.prompt_format)
         )
 
-    def check_text(self, what: str, text: str, length: int, new_tokens: str, count: int) -> str | None:
-        """Why `text` (a prompt or a question) cannot be used, or None: empty, a special token, too long."""
-        if not text.strip():
-            return f"empty {what}"
-        if (token := next((t for t in self.reserved_tokens if t in text), None)) is not None:
-            return f"{what} contains {token!r}, a special token of the prompt template"
-        if length + count > self.max_positions:
-            return (
-                f"{what} too long: {length} prompt tokens + {count} {new_tokens} exceeds the model's context of "
-                f"{self.max_positions} positions"
-            )
-        return None
-
     def check_prompt(self, prompt: object) -> str | None:
         """Why `prompt` cannot be used for image generation, or None when it can."""
         if not isinstance(prompt, str):
             return f"prompt must be a string, got {type(prompt).__name__}"
         length = len(self.generation_ids(prompt)) if prompt.strip() else 0
-        return self.check_text("prompt", prompt, length, "image tokens", self.num_gen_tokens)
+        return text_error(
+            "prompt", prompt, self.reserved_tokens, length, self.max_positions, "image tokens", self.num_gen_tokens
+        )
 
     def check_question(self, question: str, max_new_tokens: int) -> str | None:
         """Why `question` (or a caption instruction) cannot be asked, or None when it can."""
         length = len(self.understanding_ids(question)) if question.strip() else 0
-        return self.check_text("question", question, length, "new tokens", max_new_tokens)
+        return text_error(
+            "question", question, self.reserved_tokens, length, self.max_positions, "new tokens", max_new_tokens
+        )
 
     # ---- image generation ----------------------------------------------------------------------------
 
@@ -213,6 +206,7 @@ class JanusEngine:
     # ---- understanding -------------------------------------------------------------------------------
 
     def prepare_image(self, image: Image.Image | bytes | np.ndarray) -> np.ndarray:
+        """An input image as the vision tower takes it: uint8 [image_size, image_size, 3] (`images.prepare_image`)."""
         return prepare_image(image, self.image_size, self.preprocessing)
 
     @torch.inference_mode()

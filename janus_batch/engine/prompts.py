@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import logging
 
-from janus_batch.model import BOI, DEFAULT_PROMPT_FORMAT, EOI, IMAGE, prompt_format_of
+from janus_batch.model.tokens import BOI, DEFAULT_PROMPT_FORMAT, EOI, IMAGE, prompt_format_of
 
 # The chat roles of DeepSeek's conversation template per model family, as DeepSeek's own scripts pass them:
 # Janus-Pro's (demo/app_januspro.py, its README) and Janus-1.3B's (inference.py, generation_inference.py, demo/app.py).
@@ -63,3 +63,20 @@ def reserved_tokens(tokenizer, prompt_format: str) -> list[str]:
     added = tokenizer.get_added_vocab()
     template = (tokenizer.bos_token, tokenizer.eos_token, tokenizer.pad_token, IMAGE, BOI, EOI)
     return [t for t in (*template, *PROMPT_ROLES[prompt_format]) if t in added]
+
+
+def text_error(
+    what: str, text: str, reserved: list[str], length: int, context: int, new_tokens: str, count: int
+) -> str | None:
+    """Why `text` (a prompt or a question, `length` tokens in its template) cannot be used, or None: empty once
+    stripped, holding a `reserved` token, or too long for the model's `context` with `count` `new_tokens` after."""
+    if not text.strip():
+        return f"empty {what}"
+    if (token := next((t for t in reserved if t in text), None)) is not None:
+        return f"{what} contains {token!r}, a special token of the prompt template"
+    if length + count > context:
+        return (
+            f"{what} too long: {length} prompt tokens + {count} {new_tokens} exceeds the model's context of "
+            f"{context} positions"
+        )
+    return None

@@ -39,76 +39,14 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
-from pydantic import Field, field_validator, model_validator
 
 from janus_batch.engine import decoder
 from janus_batch.engine.images import normalize
-from janus_batch.engine.options import Options
 from janus_batch.engine.prompts import PROMPT_ROLES, understanding_prompt
-from janus_batch.model import EOI
+from janus_batch.model.tokens import EOI
+from janus_batch.options import ScoreOptions
 
 ALIGNMENT_ANSWER = "Yes"  # VQAScore's
-PROMPT_FIELD = "{prompt}"
-
-
-class ScoreOptions(Options):
-    """What the scores ask and how they combine. The labels' tokens are checked against the model's tokenizer
-    when a `Scorer` is built (see the module doc)."""
-
-    alignment_question: str = Field(
-        'Does this figure show "{prompt}"? Please answer yes or no.',
-        description="{prompt} is replaced by the prompt (stripped); the score is P('Yes')",
-    )
-    aesthetic_question: str = Field(
-        "Rate the aesthetic quality of this image from {low} to {high}. Answer with one number.",
-        description="{low} and {high} are replaced by the scale's ends",
-    )
-    aesthetic_low: int = Field(1, ge=0, description="the scale's lowest rating")
-    aesthetic_high: int = Field(9, ge=1, description="the scale's highest rating; every rating a single token")
-    alignment_weight: float = Field(1.0, ge=0)
-    aesthetic_weight: float = Field(1.0, ge=0, description="of the rating scaled to [0, 1]")
-
-    @field_validator("alignment_question")
-    @classmethod
-    def one_prompt_field(cls, template: str) -> str:
-        if template.count(PROMPT_FIELD) != 1:
-            raise ValueError(f"must contain {PROMPT_FIELD} exactly once")
-        return template
-
-    @field_validator("aesthetic_question")
-    @classmethod
-    def not_empty(cls, question: str) -> str:
-        if not question.strip():
-            raise ValueError("empty question")
-        return question
-
-    @model_validator(mode="after")
-    def valid_scale_and_weights(self) -> ScoreOptions:
-        if self.aesthetic_low >= self.aesthetic_high:
-            raise ValueError("aesthetic_low must be below aesthetic_high")
-        if self.alignment_weight + self.aesthetic_weight == 0:
-            raise ValueError("alignment_weight and aesthetic_weight are both 0: no combined score")
-        return self
-
-    def alignment_text(self, prompt: str) -> str:
-        return self.alignment_question.replace(PROMPT_FIELD, prompt.strip())
-
-    @property
-    def aesthetic_text(self) -> str:
-        return self.aesthetic_question.replace("{low}", str(self.aesthetic_low)).replace(
-            "{high}", str(self.aesthetic_high)
-        )
-
-    @property
-    def ratings(self) -> list[int]:
-        return list(range(self.aesthetic_low, self.aesthetic_high + 1))
-
-    def combined(self, alignment: float | None, aesthetic: float) -> float:
-        scaled = (aesthetic - self.aesthetic_low) / (self.aesthetic_high - self.aesthetic_low)
-        if alignment is None:
-            return scaled
-        total = self.alignment_weight + self.aesthetic_weight
-        return (self.alignment_weight * alignment + self.aesthetic_weight * scaled) / total
 
 
 @dataclass

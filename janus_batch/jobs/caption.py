@@ -13,10 +13,10 @@ import ray
 from pydantic import Field, field_validator, model_validator
 
 from janus_batch import stages
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, TextSampling
 from janus_batch.io import readers, schemas
 from janus_batch.jobs.kinds import Build, JobKind, Prepared, Stage, actor_pool
 from janus_batch.jobs.specs import JobSpec, Spec
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, TextSampling
 
 
 class ImageInput(Spec):

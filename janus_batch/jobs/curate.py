@@ -30,11 +30,11 @@ from janus_batch.curation import (
     normalise_prompt,
     score_quantiles,
 )
-from janus_batch.engine import DEFAULT_CAPTION_INSTRUCTION, ScoreOptions, TextSampling
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
 from janus_batch.jobs.synthesize import Synthesize, SynthesizeJob, encode, prompt_columns, read_prompts
+from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, ScoreOptions, TextSampling
 
 DUPLICATE = "duplicate prompt: same text as "
 ONCE_NORMALISED = " once normalised"

@@ -21,10 +21,9 @@ import pyarrow.parquet as pq
 import ray
 from ray.data import ActorPoolStrategy
 
-from janus_batch.engine import memory_share
 from janus_batch.io.commits import DATA, ERRORS_SUFFIX, READ_THREADS, RunFiles, is_main
 from janus_batch.jobs.specs import JobSpec, ResourceSpec
-from janus_batch.model import prompt_format_of
+from janus_batch.model.tokens import prompt_format_of
 
 
 def model_image_size(config: dict) -> int:
@@ -71,7 +70,7 @@ def model_stage_args(spec: JobSpec, made_with: str | None = None) -> tuple[dict,
         storage=spec.storage,
         batching=dict(
             max_batch_rows=res.max_batch_rows,
-            gpu_memory_utilization=memory_share(res.gpu_memory_utilization, gpus),
+            gpu_memory_utilization=res.gpu_memory_utilization,  # shared out in the actor (load_engine)
         ),
         call_timeout_s=res.call_timeout_s,
     )

@@ -50,7 +50,7 @@ from janus_batch.io.writers import RunWriter
 from janus_batch.jobs.kinds import Build, Prepared
 from janus_batch.jobs.registry import KINDS
 from janus_batch.jobs.specs import JobSpec
-from janus_batch.model import check_weights
+from janus_batch.model.sources import check_weights
 from janus_batch.progress import ProgressCounter, report_progress
 
 # Ray Data splits blocks above this size; one model call's output must stay one block (see module doc).

@@ -15,12 +15,12 @@ from pydantic import Field, model_validator
 
 from janus_batch import stages
 from janus_batch.curation import SCORE_COLUMNS, score_quantiles
-from janus_batch.engine import ScoreOptions
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
 from janus_batch.jobs.caption import Caption, ImageInput, passthrough, prepare_images, read_images
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
 from janus_batch.jobs.specs import JobSpec
+from janus_batch.options import ScoreOptions
 
 SCORE_FIELDS = [(name, pa.float32()) for name in SCORE_COLUMNS]
 

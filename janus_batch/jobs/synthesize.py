@@ -15,11 +15,11 @@ import ray
 from pydantic import Field, model_validator
 
 from janus_batch import stages
-from janus_batch.engine import ImageSampling
 from janus_batch.io import readers, schemas
 from janus_batch.io.storage import fs_path, join, write_bytes
 from janus_batch.jobs.kinds import Build, JobKind, Prepared, Stage, actor_pool
 from janus_batch.jobs.specs import JobSpec, Spec
+from janus_batch.options import ImageSampling
 
 BUILTIN_PROMPTS = [
     "A photo of a red fox sitting in the snow, golden hour.",

@@ -1,12 +1,8 @@
 """A checkpoint directory's files: config.json, the weight files, the weights hash, the processor and its
-preprocessing settings, and the prompt format; a Hugging Face-format directory read into transformers' Janus.
+preprocessing settings (model/preprocessing.py); a Hugging Face-format directory read into transformers' Janus.
 
 Weights must be safetensors unless `allow_pickle=True` (unpickling can run code from the file); pickle weights
 are then read with `torch.load(weights_only=True)`, nothing else.
-
-Prompt format: Janus-Pro and Janus-1.3B name the chat roles differently (see the engine). `prompt_format_of`
-tells a checkpoint's format from what it records (`prompt_format` in config.json, written by the converter)
-or else from its name: Janus-1.3B's config.json is identical to Janus-Pro-1B's, so nothing else tells them apart.
 
 `weights_hash` fingerprints the weight files without reading them whole: per file its name, size, its
 safetensors header (every tensor's name, dtype, shape and offsets) and 64 KiB sampled evenly across it.
@@ -19,29 +15,23 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
-from dataclasses import dataclass, fields
+from dataclasses import fields
 from pathlib import Path
 
 import safetensors.torch
 import torch
 from transformers import JanusForConditionalGeneration, JanusImageProcessorPil, JanusProcessor
 
+from janus_batch.model.preprocessing import Preprocessing
 from janus_batch.model.sources import (
-    PICKLE_PATTERNS,
     ModelLoadError,
     ModelNotFoundError,
-    PickleWeightsError,
-    pickle_message,
 )
 
 log = logging.getLogger(__name__)
 
 HF_MODEL_TYPE = "janus"
 ORIGINAL_MODEL_TYPE = "multi_modality"
-PICKLE_INDEX = "pytorch_model.bin.index.json"
-# Chat-role conventions (the engine holds the roles): Janus-Pro's, and Janus-1.3B's.
-PROMPT_FORMATS = ("janus-pro", "janus-1.3b")
-DEFAULT_PROMPT_FORMAT = "janus-pro"
 _DTYPES = {
     "bfloat16": torch.bfloat16,
     "bf16": torch.bfloat16,
@@ -61,35 +51,6 @@ class WrongModelTypeError(ModelLoadError):
 
 class CorruptWeightsError(ModelLoadError):
     """A weight file is truncated or not a valid safetensors / torch file."""
-
-
-@dataclass(frozen=True)
-class Preprocessing:
-    """A checkpoint's understanding preprocessing settings (its preprocessor_config.json). DeepSeek's file and
-    transformers' name them alike; transformers' adds do_rescale. The defaults, used where the file lacks a
-    setting, are the published checkpoints' values."""
-
-    image_mean: tuple[float, ...] = (0.5, 0.5, 0.5)
-    image_std: tuple[float, ...] = (0.5, 0.5, 0.5)
-    rescale_factor: float = 1 / 255
-    do_rescale: bool = True  # DeepSeek's processor always rescales
-    do_normalize: bool = True  # false in Janus-1.3B's first revision: pixels are then only rescaled
-    min_size: int = 14  # the short side after resizing is at least this
-
-    @property
-    def background(self) -> tuple[int, ...]:
-        """The padding colour as DeepSeek's processor (and transformers') derives it: int(255 x mean) per channel,
-        (127, 127, 127) for mean 0.5. Both overwrite with it the background_color that their file lists."""
-        return tuple(int(x * 255) for x in self.image_mean)
-
-    @classmethod
-    def of(cls, image_processor: JanusImageProcessorPil) -> Preprocessing:
-        """The settings an image processor holds."""
-        values = {f.name: getattr(image_processor, f.name) for f in fields(cls)}
-        return cls(**{**values, "image_mean": tuple(values["image_mean"]), "image_std": tuple(values["image_std"])})
-
-
-DEFAULT_PREPROCESSING = Preprocessing()
 
 
 def resolve_dtype(dtype: torch.dtype | str | None, device: torch.device) -> torch.dtype:
@@ -123,50 +84,6 @@ def read_config(local_dir: Path) -> dict:
             f"{ORIGINAL_MODEL_TYPE!r} (DeepSeek's original Janus, e.g. deepseek-ai/Janus-Pro-7B)"
         )
     return config
-
-
-def weight_files(local_dir: Path, allow_pickle: bool, source: str | None = None) -> list[Path]:
-    """The checkpoint's weight files: safetensors when present, else pickle files if allowed. `source`: how the
-    user named the checkpoint, for the error messages (default: `local_dir`)."""
-    files = _shards(local_dir, ("*.safetensors",), "model.safetensors.index.json")
-    if files:
-        return files
-    # A pickle index without its shards is what a download without allow_pickle leaves of deepseek-ai/Janus-Pro-7B.
-    has_pickle_index = (local_dir / PICKLE_INDEX).is_file()
-    has_pickle_files = any(next(local_dir.glob(p), None) for p in PICKLE_PATTERNS)
-    if not allow_pickle and (has_pickle_index or has_pickle_files):
-        raise PickleWeightsError(pickle_message(source or str(local_dir)))
-    pickles = _shards(local_dir, PICKLE_PATTERNS, PICKLE_INDEX) if allow_pickle else []
-    if pickles:
-        return pickles
-    raise ModelNotFoundError(
-        f"no weights in {local_dir}: expected *.safetensors files (pickle .bin/.pt files load only with "
-        "allow_pickle=True)"
-    )
-
-
-def _shards(local_dir: Path, patterns: tuple[str, ...], index_name: str) -> list[Path]:
-    index = local_dir / index_name
-    if not index.is_file():
-        return sorted({path for p in patterns for path in local_dir.glob(p)})
-    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
-    missing = [name for name in names if not (local_dir / name).is_file()]
-    if missing:
-        raise ModelNotFoundError(f"{index} lists weight files that are missing: {missing}")
-    return [local_dir / name for name in names]
-
-
-def prompt_format_of(name: str, recorded: str | None = None) -> tuple[str, str]:
-    """(prompt format, how it was told) of the checkpoint `name` (an HF id, directory or s3:// prefix):
-    `recorded` (config.json's `prompt_format`) if set, else Janus-1.3B's when the last part of the name
-    says Janus-1.3B (deepseek-ai/Janus-1.3B, /models/Janus-1.3B-hf, ...), else Janus-Pro's."""
-    if recorded is not None:
-        if recorded not in PROMPT_FORMATS:
-            raise ModelLoadError(f"config.json has prompt_format {recorded!r}; expected one of {PROMPT_FORMATS}")
-        return recorded, "recorded in config.json"
-    if "janus-1.3b" in name.rstrip("/").rsplit("/", 1)[-1].lower():
-        return "janus-1.3b", f"the name {name!r} says Janus-1.3B"
-    return DEFAULT_PROMPT_FORMAT, "the default: the name does not say Janus-1.3B"
 
 
 def weights_hash(files: list[Path], local_dir: Path) -> str:

@@ -45,15 +45,13 @@ from janus_batch.model.checkpoint import (
     ORIGINAL_MODEL_TYPE,
     build_image_processor,
     check_loading_info,
-    prompt_format_of,
     read_config,
     read_preprocessing,
     read_state_dict,
     resolve_dtype,
-    weight_files,
 )
-from janus_batch.model.sources import ModelLoadError, ModelNotFoundError, resolve_source
-from janus_batch.model.tokens import BOI, BOS, EOI, EOS, IMAGE, PAD, SPECIAL_TOKENS
+from janus_batch.model.sources import ModelLoadError, ModelNotFoundError, resolve_source, weight_files
+from janus_batch.model.tokens import BOI, BOS, EOI, EOS, IMAGE, PAD, SPECIAL_TOKENS, prompt_format_of
 
 # (DeepSeek prefix, transformers prefix); "#" is a layer number, copied across. The first match wins, so
 # specific rules precede the general ones they overlap.

@@ -25,11 +25,10 @@ from janus_batch.model.checkpoint import (
     load_hf,
     read_config,
     resolve_dtype,
-    weight_files,
     weights_hash,
 )
 from janus_batch.model.convert import load_original
-from janus_batch.model.sources import check_listed_weights, is_remote, resolve_source
+from janus_batch.model.sources import resolve_source, weight_files
 
 log = logging.getLogger(__name__)
 
@@ -77,20 +76,3 @@ def load_janus(
     model = model.to(device).eval()
     log.info("loaded %s from %s (%s, %s, weights %s)", source, local_dir, dtype, device, digest)
     return LoadedJanus(model, processor, source, source.rstrip("/"), digest, local_dir)
-
-
-def check_weights(
-    source: str | os.PathLike,
-    *,
-    allow_pickle: bool = False,
-    revision: str | None = None,
-    storage_options: dict | None = None,
-) -> None:
-    """Fail as `load_janus` would on a checkpoint without usable weights (pickle only and `allow_pickle` not set;
-    none at all), from its file list alone: nothing is downloaded. For a driver, before any model loads. An HF
-    id is checked from the Hub's list (not at all offline: the cache then decides, at load)."""
-    source = os.fspath(source)
-    if is_remote(source):
-        check_listed_weights(source, allow_pickle=allow_pickle, revision=revision, storage_options=storage_options)
-    else:
-        weight_files(resolve_source(source, revision=revision), allow_pickle, source)

@@ -12,6 +12,9 @@ s3:// prefixes are mirrored once per node into `$JANUS_BATCH_CACHE/s3/<bucket>/<
 cache root ~/.cache/janus_batch). The hash covers the endpoint and the listing (keys, sizes, ETags), so
 changed objects land in a new directory instead of mixing with the old files. One process downloads under a
 file lock into a temporary directory that is renamed into place complete; the others wait, then reuse it.
+
+`weight_files` lists a local checkpoint's weight files; `check_weights` fails on a source without usable weights
+from its file list alone, for a job's driver (no torch is imported here).
 """
 
 from __future__ import annotations
@@ -38,6 +41,7 @@ from huggingface_hub.errors import (
 log = logging.getLogger(__name__)
 
 PICKLE_PATTERNS = ("pytorch_model*.bin", "*.pt", "*.pth")
+PICKLE_INDEX = "pytorch_model.bin.index.json"
 # Files a checkpoint needs: config, weights, tokenizer and processor settings. Nothing else is fetched.
 FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
 S3_MARKER = ".janus_batch_complete"
@@ -282,3 +286,54 @@ def _download(fs, files: dict[str, Path], uri: str) -> None:
         raise S3AccessError(f"access to {uri} denied while downloading: {e}") from e
     except OSError as e:
         raise S3AccessError(f"downloading {uri} failed: {type(e).__name__}: {e}") from e
+
+
+# ---- weight files: which a checkpoint has, checked before any model loads -------------------------------------
+
+
+def weight_files(local_dir: Path, allow_pickle: bool, source: str | None = None) -> list[Path]:
+    """The checkpoint's weight files: safetensors when present, else pickle files if allowed. `source`: how the
+    user named the checkpoint, for the error messages (default: `local_dir`)."""
+    files = _shards(local_dir, ("*.safetensors",), "model.safetensors.index.json")
+    if files:
+        return files
+    # A pickle index without its shards is what a download without allow_pickle leaves of deepseek-ai/Janus-Pro-7B.
+    has_pickle_index = (local_dir / PICKLE_INDEX).is_file()
+    has_pickle_files = any(next(local_dir.glob(p), None) for p in PICKLE_PATTERNS)
+    if not allow_pickle and (has_pickle_index or has_pickle_files):
+        raise PickleWeightsError(pickle_message(source or str(local_dir)))
+    pickles = _shards(local_dir, PICKLE_PATTERNS, PICKLE_INDEX) if allow_pickle else []
+    if pickles:
+        return pickles
+    raise ModelNotFoundError(
+        f"no weights in {local_dir}: expected *.safetensors files (pickle .bin/.pt files load only with "
+        "allow_pickle=True)"
+    )
+
+
+def _shards(local_dir: Path, patterns: tuple[str, ...], index_name: str) -> list[Path]:
+    index = local_dir / index_name
+    if not index.is_file():
+        return sorted({path for p in patterns for path in local_dir.glob(p)})
+    names = sorted(set(json.loads(index.read_text())["weight_map"].values()))
+    missing = [name for name in names if not (local_dir / name).is_file()]
+    if missing:
+        raise ModelNotFoundError(f"{index} lists weight files that are missing: {missing}")
+    return [local_dir / name for name in names]
+
+
+def check_weights(
+    source: str | os.PathLike,
+    *,
+    allow_pickle: bool = False,
+    revision: str | None = None,
+    storage_options: dict | None = None,
+) -> None:
+    """Fail as `load_janus` would on a checkpoint without usable weights (pickle only and `allow_pickle` not set;
+    none at all), from its file list alone: nothing is downloaded. For a driver, before any model loads. An HF
+    id is checked from the Hub's list (not at all offline: the cache then decides, at load)."""
+    source = os.fspath(source)
+    if is_remote(source):
+        check_listed_weights(source, allow_pickle=allow_pickle, revision=revision, storage_options=storage_options)
+    else:
+        weight_files(resolve_source(source, revision=revision), allow_pickle, source)
