@@ -22,7 +22,7 @@ from PIL import Image
 
 from janus_batch import stages
 from janus_batch.curation import SelectionRule
-from janus_batch.engine import Scorer
+from janus_batch.engine import JanusEngine, Scorer
 from janus_batch.io.storage import StorageConfig
 from janus_batch.jobs import ModelSpec, run
 from janus_batch.jobs.curate import CurateJob, duplicate_prompt_errors, repeated_values
@@ -349,7 +349,7 @@ def test_score_pipeline_scores_a_corpus_once(ray_cluster, tiny_model_dir, tmp_pa
     assert rows["bad"]["error"].startswith("not a decodable image") and rows["bad"]["score"] is None
     assert rows["null"]["error"] == "prompt is null"
 
-    engine = stages.load_engine(ModelSpec(source=str(tiny_model_dir)).model_dump(), 0, StorageConfig(), {})
+    engine = JanusEngine.from_pretrained(str(tiny_model_dir), device="cpu")
     pixels = np.stack([engine.prepare_image(encoded(im)) for im in images])
     want = Scorer(engine).score(pixels, ["a red fox", "portrait", "a lighthouse on a cliff"])
     for image_id, score in zip("abc", want, strict=True):
