@@ -255,13 +255,20 @@ def chromium(profile: Path) -> Iterator[Browser]:
     """Headless chromium on a fresh profile, its DevTools port read from the profile's DevToolsActivePort."""
     executable = shutil.which("chromium")
     assert executable, "chromium not found: scripts/setup.sh installs it (apt-get install chromium)"
-    command = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--remote-debugging-port=0"]
-    command += [f"--user-data-dir={profile}", "--window-size=1280,900", "--hide-scrollbars", "about:blank"]
-    process = subprocess.Popen(command, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    # Shared memory in /tmp, not /dev/shm, as usual for headless chromium in containers (Ray keeps its object stores
+    # in /dev/shm too). Its output is kept, to say why if it does not start.
+    command = [executable, "--headless", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage"]
+    command += ["--remote-debugging-port=0", f"--user-data-dir={profile}", "--window-size=1280,900"]
+    command += ["--hide-scrollbars", "about:blank"]
+    log = profile.parent / "chromium.log"
+    with open(log, "w") as output:
+        process = subprocess.Popen(command, stdout=output, stderr=subprocess.STDOUT)
     try:
-        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 20
+        port_file, deadline = profile / "DevToolsActivePort", time.monotonic() + 60
         while not (port_file.exists() and len(port_file.read_text().split()) == 2):
-            assert time.monotonic() < deadline and process.poll() is None, "chromium did not start"
+            if process.poll() is not None or time.monotonic() > deadline:
+                state = f"exited with {process.returncode}" if process.poll() is not None else "not up after 60 s"
+                raise AssertionError(f"chromium did not start ({state}): {log.read_text()[-2000:]}")
             time.sleep(0.05)
         port, path = port_file.read_text().split()
         with websockets.sync.client.connect(f"ws://127.0.0.1:{port}{path}", max_size=None) as socket:

@@ -41,7 +41,7 @@ class Preprocessing:
 
     @classmethod
     def of(cls, image_processor) -> Preprocessing:
-        """The settings an image processor holds."""
+        """The settings an image processor (transformers' JanusImageProcessorPil) holds."""
         values = {f.name: getattr(image_processor, f.name) for f in fields(cls)}
         return cls(**{**values, "image_mean": tuple(values["image_mean"]), "image_std": tuple(values["image_std"])})
 
