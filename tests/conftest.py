@@ -11,6 +11,7 @@ from urllib.parse import urlparse
 
 import pytest
 import s3fs
+import torch
 from moto.server import ThreadedMotoServer
 
 from janus_batch.engine import JanusEngine
@@ -21,6 +22,12 @@ from tests.helpers import free_port
 # this suite's 2 cores those dominated a small job's start. One is plenty for the tests' few files. Set before any
 # Ray cluster or pipeline subprocess starts, which inherit it.
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
+# A pytest-xdist worker computes on one thread, and so do the processes it starts (kernels, drivers; Ray gives its
+# workers one thread a CPU anyway): torch's default, a thread per core in every process, has the workers fight for
+# the 2 cores (the compat files on 2 workers: 152 s so, 72 s on one thread each).
+if "PYTEST_XDIST_WORKER" in os.environ:
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")
