@@ -105,17 +105,23 @@ def test_caption_spec_modes():
         CaptionJob.model_validate({"input": {"path": "x"}, "output": {"format": "files"}})
 
 
-def test_the_driver_and_the_cpu_stages_load_without_torch():
-    """A job's driver (the entry points, the job kinds) and its CPU workers (stages.py, the report) never import
-    torch or transformers, which cost 5 to 7 s of CPU and about 500 MB per process: only a model actor loads the
-    engine."""
+def test_the_driver_and_the_cpu_stages_run_without_torch(tiny_model_dir, tmp_path):
+    """A job's driver (the entry points, the job kinds, the checks of a job before it runs) and its CPU workers
+    (stages.py, the report) never import torch or transformers, which cost 5 to 7 s of CPU and about 500 MB per
+    process: only a model actor loads the engine."""
+    table = pa.table({"prompt_id": ["a"], "prompt": ["a red fox"]})
+    source = write_parquet(table, str(tmp_path / "p.parquet"), StorageConfig())
     code = (
         "import sys; sys.path[:0] = ['pipelines']\n"
         "import synthesize, caption, vqa, score, janus_batch.stages, janus_batch.report\n"
+        "from janus_batch.jobs import SynthesizeJob\n"
+        "from janus_batch.jobs.pipeline import prepare\n"
+        "prepare(SynthesizeJob(input={'path': sys.argv[1]}, model={'source': sys.argv[2]}))\n"
         "print(sorted({'torch', 'transformers'} & set(sys.modules)))"
     )
     root = Path(__file__).parent.parent
-    loaded = subprocess.run([sys.executable, "-c", code], cwd=root, capture_output=True, text=True, check=True)
+    command = [sys.executable, "-c", code, source, str(tiny_model_dir)]
+    loaded = subprocess.run(command, cwd=root, capture_output=True, text=True, check=True)
     assert loaded.stdout.strip() == "[]", loaded.stdout
 
 

@@ -63,9 +63,10 @@ PROGRESS_EVERY_S = 10.0
 
 def read_model_config(source: str | None, storage: StorageConfig, revision: str | None = None) -> dict:
     """The model's config.json, read without loading the model: an unknown model fails here."""
-    from janus_batch.model.tiny import ensure_tiny_model
+    if source is None:  # the tiny default, written to the local cache if not there yet (this imports torch)
+        from janus_batch.model.tiny import ensure_tiny_model
 
-    source = source or str(ensure_tiny_model())
+        source = str(ensure_tiny_model())
     try:
         if is_s3(source):
             return json.loads(read_bytes(join(source, "config.json"), storage, 2**20))
