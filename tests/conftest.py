@@ -24,7 +24,7 @@ from tests.helpers import free_port
 os.environ.setdefault("RAY_DATA_PARQUET_FOOTER_NUM_ACTORS", "1")
 # A pytest-xdist worker computes on one thread, and so do the processes it starts (kernels, drivers; Ray gives its
 # workers one thread a CPU anyway): torch's default, a thread per core in every process, has the workers fight for
-# the 2 cores (the compat files on 2 workers: 152 s so, 72 s on one thread each).
+# the 2 cores (the engine, image and loading test files on 2 workers: 71 s so, 48 s on one thread each).
 if "PYTEST_XDIST_WORKER" in os.environ:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
