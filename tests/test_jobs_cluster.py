@@ -3,6 +3,7 @@ row per expected image at the end), and `ray job submit` to a `ray start --head`
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import shutil
@@ -124,11 +125,18 @@ def head_node():
     try:
         yield f"http://127.0.0.1:{dashboard}", env
     finally:
-        # `ray stop` would stop every Ray on this machine: end this cluster's processes only.
-        procs = [p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])]
+        # `ray stop` would stop every Ray on this machine: end this cluster's processes only, those naming its
+        # temp dir and everything they started. Ray's agents and workers rename themselves (ray::DashboardAgent):
+        # left behind, the orphaned dashboard agent spun a core for a minute.
+        procs = {p for p in psutil.process_iter(["cmdline"]) if temp in " ".join(p.info["cmdline"] or [])}
+        for p in list(procs):
+            with contextlib.suppress(psutil.NoSuchProcess):
+                procs.update(p.children(recursive=True))
         for p in procs:
-            p.kill()
-        psutil.wait_procs(procs, timeout=30)
+            with contextlib.suppress(psutil.NoSuchProcess):
+                p.kill()
+        _, alive = psutil.wait_procs(procs, timeout=30)
+        assert not alive, f"processes of the test cluster outlived SIGKILL: {alive}"
         shutil.rmtree(temp, ignore_errors=True)
 
 

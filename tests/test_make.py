@@ -29,3 +29,10 @@ def marking(mark: str) -> set[str]:
 def test_every_file_marking_a_run_s_tests_is_in_that_run(mark, variable):
     assert marking(mark), f"no test is marked {mark}"
     assert marking(mark) <= make_files(variable), f"add them to {variable} in the Makefile"
+
+
+def test_the_longest_files_named_first_exist():
+    from tests.conftest import LONGEST_FILES_FIRST
+
+    missing = [name for name in LONGEST_FILES_FIRST if not (ROOT / "tests" / name).exists()]
+    assert not missing, f"renamed or removed: update LONGEST_FILES_FIRST in tests/conftest.py: {missing}"
