@@ -30,21 +30,22 @@ if "PYTEST_XDIST_WORKER" in os.environ:
     torch.set_num_threads(1)
 
 
-# The longest files first, longest first (seconds on 2 workers, 2026-12-02): with `--dist loadfile` a worker takes
+# The longest files first (seconds each on 2 workers, 2026-12-02): with `--dist loadfile` a worker takes
 # the next whole file when it is done, and pytest-xdist's default order (most tests first) dealt these last, so one
-# worker ran alone for the last minute. The Makefile's main run keeps this order (--no-loadscope-reorder); files not
-# named follow, in collection order.
+# worker ran alone for the last minute. Each worker starts with two files, the 1st and 3rd or the 2nd and 4th:
+# listed so, the two pairs take about as long. The Makefile's main run keeps this order (--no-loadscope-reorder);
+# files not named follow, in collection order.
 LONGEST_FILES_FIRST = [
-    "test_jobs_integrity.py",  # 126
-    "test_storage_faults.py",  # 105
-    "test_jobs_e2e.py",  # 95
-    "test_jobs_cluster.py",  # 90
-    "test_curate_job.py",  # 63
-    "test_notebooks.py",  # 56
-    "test_lease.py",  # 40
-    "test_hostile_rows.py",  # 34
-    "test_serve.py",  # 24
-    "test_secrets.py",  # 13
+    "test_jobs_integrity.py",  # 106
+    "test_storage_faults.py",  # 97
+    "test_jobs_e2e.py",  # 86
+    "test_jobs_cluster.py",  # 98
+    "test_curate_job.py",  # 64
+    "test_notebooks.py",  # 50
+    "test_lease.py",  # 39
+    "test_hostile_rows.py",  # 30
+    "test_serve.py",  # 23
+    "test_secrets.py",  # 9
 ]
 
 
