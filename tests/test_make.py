@@ -1,5 +1,6 @@
 """`make test`, the README's test command, runs every test: its runs of the tests marked serial and compat name the
-files to collect (collecting all of them costs seconds), so every file that marks a test so must be named there."""
+files to collect (collecting all of them costs seconds), so every file that marks a test so must be named there; and
+the main run's order (conftest.LONGEST_FILES_FIRST) names files that exist."""
 
 from __future__ import annotations
 
