@@ -20,6 +20,7 @@ import pytest
 import safetensors.torch
 import torch
 from PIL import Image
+from tokenizers import Tokenizer
 from transformers import (
     JanusConfig,
     JanusForConditionalGeneration,
@@ -146,9 +147,15 @@ def test_damaged_pickle_weights(tiny_model_dir, tmp_path):
 # ---- errors -------------------------------------------------------------------------------------------
 
 
-def test_missing_directory(tmp_path):
+def test_missing_directory(tmp_path, monkeypatch):
     with pytest.raises(ModelNotFoundError, match="does not exist"):
         load_janus(str(tmp_path / "nowhere"), device="cpu")
+    monkeypatch.chdir(tmp_path)  # relative paths that look like owner/name are local directories, not HF ids
+    for relative in ["./Janus-Pro-7B", "../Janus-Pro-7B"]:
+        with pytest.raises(ModelNotFoundError, match=f"model directory '{re.escape(relative)}' does not exist"):
+            load_janus(relative, device="cpu")
+    with pytest.raises(ModelNotFoundError, match="'org/x..y' is not a local directory, nor a valid Hugging Face id"):
+        load_janus("org/x..y", device="cpu")
 
 
 def test_directory_without_config(tmp_path):
@@ -607,6 +614,41 @@ def test_convert_cli_writes_a_hugging_face_checkpoint(tmp_path, tiny64, capsys):
         convert.main([str(source), str(tmp_path / "hf")])
 
 
+def edit_tokenizer_json(source: Path, edit) -> None:
+    path = source / "tokenizer.json"
+    path.write_text(json.dumps(edit(json.loads(path.read_text()))))
+
+
+def test_the_special_tokens_map_marks_the_chat_roles_special_as_deepseek_loads_it(tmp_path):
+    # DeepSeek's LlamaTokenizerFast.from_pretrained makes the map's additional_special_tokens special: decoding
+    # with skip_special_tokens drops them. A tokenizer.json may hold them as plain added tokens.
+    source = write_original_checkpoint(tmp_path / "original")
+
+    def plain_roles(data: dict) -> dict:
+        for token in data["added_tokens"]:
+            if token["content"] in ("<|User|>", "<|Assistant|>"):
+                token["special"] = False
+        return data
+
+    edit_tokenizer_json(source, plain_roles)
+    shutil.copy(CHECKPOINTS / "configs" / "Janus-Pro-1B" / "special_tokens_map.json", source)  # as published
+    tokenizer = load_janus(str(source), device="cpu").processor.tokenizer
+    ids = tokenizer.encode("<|Assistant|> a red fox<|User|>", add_special_tokens=False)
+    assert tokenizer.decode(ids, skip_special_tokens=True).strip() == "a red fox"
+    assert len(tokenizer) == len(Tokenizer.from_file(str(source / "tokenizer.json")).get_vocab(True))  # no new id
+
+    (source / "special_tokens_map.json").unlink()  # then only tokenizer.json says, and it says plain
+    tokenizer = load_janus(str(source), device="cpu").processor.tokenizer
+    assert "<|User|>" in tokenizer.decode(ids, skip_special_tokens=True)
+
+
+def test_a_tokenizer_json_without_a_janus_special_token_is_refused(tmp_path):
+    source = write_original_checkpoint(tmp_path / "original")
+    edit_tokenizer_json(source, lambda data: json.loads(json.dumps(data).replace(IMAGE, "<img>")))
+    with pytest.raises(ModelLoadError, match=re.escape(f"lacks Janus' special tokens {[IMAGE]}")):
+        load_janus(str(source), device="cpu")
+
+
 def test_the_tiny_original_checkpoint_has_the_published_names(tmp_path):
     source = write_original_checkpoint(tmp_path / "original")
     index = json.loads((source / "model.safetensors.index.json").read_text())
@@ -865,6 +907,29 @@ def test_the_converter_records_the_prompt_format_its_source_tells(tmp_path):
     assert JanusEngine.from_pretrained(str(tmp_path / "converted"), device="cpu").prompt_format == "janus-1.3b"
     convert.main([str(write_original_checkpoint(tmp_path / "pro")), str(tmp_path / "pro-converted")])
     assert JanusEngine.from_pretrained(str(tmp_path / "pro-converted"), device="cpu").prompt_format == "janus-pro"
+
+
+@pytest.mark.parametrize(
+    "name, told",
+    [
+        ("deepseek-ai/Janus-1.3B", "janus-1.3b"),
+        ("/models/janus_1.3b", "janus-1.3b"),
+        ("/models/Janus-1.3B/original/", "janus-1.3b"),
+        ("s3://bucket/janus-1.3b", "janus-1.3b"),
+        ("/hf/hub/models--deepseek-ai--Janus-1.3B/snapshots/0123abcd", "janus-1.3b"),
+        ("/hf/hub/models--deepseek-ai--Janus-Pro-1B/snapshots/0123abcd", "janus-pro"),
+        ("/runs/janus-1.3b-sweep/Janus-Pro-1B", "janus-pro"),  # the nearest part naming a model decides
+        ("/models/checkpoint-500", "janus-pro"),
+    ],
+)
+def test_the_prompt_format_is_told_from_the_part_of_the_path_that_names_the_model(name, told):
+    assert prompt_format_of(name)[0] == told
+
+
+def test_a_snapshot_folder_of_janus_1_3b_in_the_hf_cache_gets_its_roles(tmp_path):
+    # snapshot_download's answer, which users pass on as a local directory.
+    snapshot = write_original_checkpoint(tmp_path / "models--deepseek-ai--Janus-1.3B" / "snapshots" / "08b9a5d")
+    assert JanusEngine.from_pretrained(str(snapshot), device="cpu").prompt_format == "janus-1.3b"
 
 
 def test_the_readme_models_table_loads_every_published_checkpoint(monkeypatch, capsys):

@@ -28,10 +28,12 @@ from __future__ import annotations
 
 import argparse
 import functools
+import json
 import re
 from pathlib import Path
 
 import torch
+from tokenizers import Tokenizer
 from transformers import (
     GenerationConfig,
     JanusConfig,
@@ -271,10 +273,17 @@ def janus_config_from_original(
 
 
 def original_tokenizer(local_dir: Path) -> PreTrainedTokenizerFast:
-    """DeepSeek's tokenizer.json with Janus' special tokens named, as transformers' JanusProcessor wants."""
+    """DeepSeek's tokenizer.json with Janus' special tokens named, as transformers' JanusProcessor wants, and the
+    additional special tokens of its special_tokens_map.json marked special (the chat roles, <|ref|>, ...), as
+    DeepSeek's LlamaTokenizerFast.from_pretrained marks them: decoding with skip_special_tokens drops them."""
     tokenizer_file = local_dir / "tokenizer.json"
     if not tokenizer_file.is_file():
         raise ModelNotFoundError(f"no tokenizer.json in {local_dir}")
+    # Checked in the file itself: naming a token below would add any that is missing, with a new id.
+    vocab = Tokenizer.from_file(str(tokenizer_file)).get_vocab(with_added_tokens=True)
+    missing = [t for t in SPECIAL_TOKENS if t not in vocab]
+    if missing:
+        raise ModelLoadError(f"{tokenizer_file} lacks Janus' special tokens {missing}")
     tokenizer = PreTrainedTokenizerFast(
         tokenizer_file=str(tokenizer_file),
         bos_token=BOS,
@@ -283,9 +292,11 @@ def original_tokenizer(local_dir: Path) -> PreTrainedTokenizerFast:
         padding_side="left",
         extra_special_tokens={"image_token": IMAGE, "boi_token": BOI, "eoi_token": EOI},
     )
-    missing = [t for t in SPECIAL_TOKENS if t not in tokenizer.get_vocab()]
-    if missing:
-        raise ModelLoadError(f"{tokenizer_file} lacks Janus' special tokens {missing}")
+    special_map = local_dir / "special_tokens_map.json"
+    listed = json.loads(special_map.read_text()).get("additional_special_tokens", []) if special_map.is_file() else []
+    # One missing from the vocabulary would get an id past the embeddings: the model could never make it.
+    present = [t["content"] if isinstance(t, dict) else t for t in listed]
+    tokenizer.add_special_tokens({"extra_special_tokens": [t for t in present if t in vocab]})
     return tokenizer
 
 

@@ -33,6 +33,7 @@ from filelock import FileLock
 from huggingface_hub import HfApi, snapshot_download
 from huggingface_hub.errors import (
     HfHubHTTPError,
+    HFValidationError,
     LocalEntryNotFoundError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
@@ -47,7 +48,8 @@ FILE_PATTERNS = ("*.json", "*.safetensors", "*.jinja", "*.txt", "*.model")
 S3_MARKER = ".janus_batch_complete"
 # Hugging Face-format copies of the pickle-only deepseek-ai checkpoints, with safetensors weights.
 HF_FORMAT_REPOS = ("deepseek-community/Janus-Pro-7B", "deepseek-community/Janus-Pro-1B")
-_HF_ID = re.compile(r"[\w.-]+/[\w.-]+")
+# owner/name, each starting with a letter, digit or _ as the Hub requires: "./x" and "../x" are local paths.
+_HF_ID = re.compile(r"\w[\w.-]*/\w[\w.-]*")
 
 
 class ModelLoadError(ValueError):
@@ -178,6 +180,8 @@ def fetch_hf(repo_id: str, *, allow_pickle: bool, cache_dir: str | None, revisio
         path = snapshot_download(
             repo_id, revision=revision, cache_dir=cache_dir, local_files_only=offline, allow_patterns=patterns
         )
+    except HFValidationError as e:  # "org/name--x", "org/x..y": the shape of an id, but not a valid one
+        raise ModelNotFoundError(f"{repo_id!r} is not a local directory, nor a valid Hugging Face id: {e}") from e
     except RevisionNotFoundError as e:
         raise ModelNotFoundError(f"{where}: the Hugging Face Hub has no such revision") from e
     except LocalEntryNotFoundError as e:

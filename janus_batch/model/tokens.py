@@ -6,6 +6,8 @@ converter) or else from its name: Janus-1.3B's config.json is identical to Janus
 them apart. Without torch: a job's driver tells the format before any model loads.
 """
 
+import re
+
 from janus_batch.model.sources import ModelLoadError
 
 BOS = "<｜begin▁of▁sentence｜>"
@@ -23,12 +25,18 @@ DEFAULT_PROMPT_FORMAT = "janus-pro"
 
 def prompt_format_of(name: str, recorded: str | None = None) -> tuple[str, str]:
     """(prompt format, how it was told) of the checkpoint `name` (an HF id, directory or s3:// prefix):
-    `recorded` (config.json's `prompt_format`) if set, else Janus-1.3B's when the last part of the name
-    says Janus-1.3B (deepseek-ai/Janus-1.3B, /models/Janus-1.3B-hf, ...), else Janus-Pro's."""
+    `recorded` (config.json's `prompt_format`) if set, else from the last part of the name that names a Janus
+    model, `_` read as `-`: Janus-1.3B's when it says Janus-1.3B (deepseek-ai/Janus-1.3B, /models/janus_1.3b,
+    /models/Janus-1.3B/original, the HF cache's models--deepseek-ai--Janus-1.3B/snapshots/HASH), else Janus-Pro's."""
     if recorded is not None:
         if recorded not in PROMPT_FORMATS:
             raise ModelLoadError(f"config.json has prompt_format {recorded!r}; expected one of {PROMPT_FORMATS}")
         return recorded, "recorded in config.json"
-    if "janus-1.3b" in name.rstrip("/").rsplit("/", 1)[-1].lower():
-        return "janus-1.3b", f"the name {name!r} says Janus-1.3B"
+    # Later parts may be a revision or a subfolder (snapshots/HASH, original/), so the nearest part naming a model
+    # decides; "--" separates the parts of an HF cache folder's name.
+    for part in reversed(re.split(r"/|--", name.lower().replace("_", "-"))):
+        if "janus-1.3b" in part:
+            return "janus-1.3b", f"the name {name!r} says Janus-1.3B"
+        if "janus-pro" in part:
+            break
     return DEFAULT_PROMPT_FORMAT, "the default: the name does not say Janus-1.3B"
