@@ -26,7 +26,7 @@ from janus_batch.io.readers import id_key, row_key
 from janus_batch.io.schemas import ERROR
 from janus_batch.io.storage import StorageConfig, StoreUnavailable, read_bytes
 from janus_batch.io.writers import IMAGE_EXTENSIONS
-from janus_batch.model.preprocessing import ImageInputError, decode_image, preprocess_image
+from janus_batch.model.preprocessing import decode_image, preprocess_image
 from janus_batch.options import ImageSampling, ScoreOptions, TextSampling
 
 # ---- shared ----------------------------------------------------------------------------------------------
@@ -523,15 +523,9 @@ def prepare_images(
 
 
 def load_image(source: object, uri_column: str | None, storage: StorageConfig, max_bytes: int, size: int):
-    """A row's image, fetched, decoded and preprocessed. Decoding is caught apart from the fetch: whatever the
-    decoder raises (PIL reports some undecodable files as a plain OSError) is the row's error, never the store's."""
-    data = image_bytes(source, uri_column, storage, max_bytes)
-    try:
-        return preprocess_image(decode_image(data), size)
-    except ImageInputError:
-        raise
-    except Exception as e:
-        raise ImageInputError(f"not a decodable image: {describe(e)}") from e
+    """A row's image, fetched, decoded and preprocessed. Whatever the decoder meets is an ImageInputError, the
+    row's error, never the store's (a store fault raises from the fetch)."""
+    return preprocess_image(decode_image(image_bytes(source, uri_column, storage, max_bytes)), size)
 
 
 def image_bytes(source: object, uri_column: str | None, storage: StorageConfig, max_bytes: int) -> bytes:

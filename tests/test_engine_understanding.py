@@ -9,11 +9,10 @@ import torch
 from PIL import Image
 
 from janus_batch.engine import JanusEngine, decoder, memory, sampling
-from janus_batch.engine.images import normalize
 from janus_batch.engine.prompts import understanding_prompt
 from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, TextSampling
 from tests.helpers import encoded
-from tests.reference import gof_pvalue, pad_id, truncated, understanding_ids
+from tests.reference import gof_pvalue, pad_id, reference_pixels, truncated, understanding_ids
 
 
 def sample_images() -> list[Image.Image]:
@@ -29,6 +28,15 @@ def sample_images() -> list[Image.Image]:
 QUESTIONS = [None, "  What colour is the object in the middle of this picture?\n", "How many? "]
 
 
+def oracle_pixels(engine: JanusEngine, images: list[Image.Image]) -> torch.Tensor:
+    """The pixel values DeepSeek's VLMImageProcessor makes of RGB images (reference.py), with the settings the
+    checkpoint's processor holds: not the engine's preprocessing."""
+    processor = engine.processor.image_processor
+    settings = {key: getattr(processor, key) for key in ("image_mean", "image_std", "rescale_factor", "do_normalize")}
+    settings["min_size"] = processor.min_size
+    return torch.from_numpy(np.stack([reference_pixels(im, engine.image_size, settings) for im in images]))
+
+
 def hf_generate(
     engine: JanusEngine, images, questions, max_new_tokens: int, prompt_format: str = "janus-pro"
 ) -> list[list[int]]:
@@ -39,7 +47,7 @@ def hf_generate(
     width = max(map(len, prompts))
     ids = torch.tensor([[pad_id(engine.tokenizer)] * (width - len(p)) + p for p in prompts])
     mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts])
-    pixels = normalize(torch.from_numpy(np.stack([engine.prepare_image(im) for im in images])))
+    pixels = oracle_pixels(engine, images)
     out = engine.model.generate(
         input_ids=ids,
         attention_mask=mask,
@@ -148,7 +156,7 @@ P_MIN = 1e-3  # stated tolerance: a correct sampler fails this test with probabi
 def first_token_logits(engine: JanusEngine, image: Image.Image, question: str) -> torch.Tensor:
     """The logits of the first answer token, from transformers' forward on DeepSeek's prompt (float64)."""
     ids = understanding_ids(engine.tokenizer, question, engine.num_image_tokens, system_prompt=engine.system_prompt)
-    pixels = normalize(torch.from_numpy(engine.prepare_image(image)[None]))
+    pixels = oracle_pixels(engine, [image])
     with torch.no_grad():
         return engine.model(input_ids=torch.tensor([ids]), pixel_values=pixels).logits[0, -1].double()
 

@@ -3,6 +3,7 @@ errors for bad bytes."""
 
 from __future__ import annotations
 
+import contextlib
 import json
 import struct
 import zlib
@@ -162,12 +163,52 @@ def test_truncated_images():
             decode_image(data[: len(data) // 2])
 
 
+def test_every_accepted_format_decodes_and_others_are_refused():
+    image = Image.fromarray(np.random.default_rng(2).integers(0, 256, (16, 24, 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        assert decode_image(encoded(image, fmt)).size == (24, 16), fmt
+    # EPS would run Ghostscript; the others are rarely used readers of untrusted bytes.
+    for fmt in ("EPS", "PPM", "ICO", "TGA", "PCX"):
+        with pytest.raises(ImageInputError, match="not in an accepted format: PNG, JPEG"):
+            decode_image(encoded(image, fmt))
+
+
+def chunk(kind: bytes, body: bytes) -> bytes:
+    """A PNG chunk."""
+    return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
+
+
+def test_malformed_headers_are_input_errors():
+    # PIL raises these as OSError or ValueError while opening the file, before any pixel is read: they were a
+    # 500 in Serve.
+    image = Image.fromarray(np.full((8, 8, 3), 100, np.uint8))
+    png = encoded(image, "PNG")
+    huge_text = chunk(b"zTXt", b"k\0\0" + zlib.compress(b"x" * 20_000_000))
+    for data in [encoded(image, "JPEG")[:30], encoded(image, "BMP")[:20], png[:33] + huge_text + png[33:]]:
+        with pytest.raises(ImageInputError, match="not a decodable image"):
+            decode_image(data)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # PIL warns of some damage it reads through
+def test_damaged_files_of_every_accepted_format_are_input_errors_or_images():
+    # Cut and flipped bytes: whatever PIL meets, decode_image raises ImageInputError or gives an RGB image.
+    rng = np.random.default_rng(3)
+    image = Image.fromarray(rng.integers(0, 256, (20, 20, 3), dtype=np.uint8))
+    for fmt in ("PNG", "JPEG", "WEBP", "GIF", "BMP", "TIFF"):
+        data = encoded(image, fmt)
+        damaged = [data[:cut] for cut in range(1, min(len(data), 200), 3)]
+        for _ in range(60):
+            flipped = bytearray(data)
+            for at in rng.integers(0, min(len(data), 300), 3):
+                flipped[at] = int(rng.integers(0, 256))
+            damaged.append(bytes(flipped))
+        for data in damaged:
+            with contextlib.suppress(ImageInputError):
+                assert decode_image(data).mode == "RGB"
+
+
 def png_header_only(width: int, height: int) -> bytes:
     """A PNG whose header claims width x height, with a tiny data chunk (a decompression-bomb shape)."""
-
-    def chunk(kind: bytes, body: bytes) -> bytes:
-        return struct.pack(">I", len(body)) + kind + body + struct.pack(">I", zlib.crc32(kind + body))
-
     ihdr = struct.pack(">IIBBBBB", width, height, 8, 2, 0, 0, 0)
     return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0")) + chunk(b"IEND", b"")
 
