@@ -9,7 +9,9 @@ engine keeps decode state per batch shape and options; Serve groups requests by 
 
 from __future__ import annotations
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from typing import Annotated
+
+from pydantic import AfterValidator, BaseModel, ConfigDict, Field, field_validator, model_validator
 
 DEFAULT_CAPTION_INSTRUCTION = "Describe this image in detail."
 
@@ -19,15 +21,31 @@ class Options(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True, hide_input_in_errors=True, allow_inf_nan=False)
 
 
+# Seeds are 64-bit: the sampler keys its noise on all 64 bits, so a wider seed would repeat a narrower one's images.
+Seed = Annotated[int, Field(ge=0, lt=2**64)]
+# Below it, logits / temperature overflow float32 (sampling.sample): a colder draw is the greedy one anyway.
+MIN_TEMPERATURE = 1e-3
+
+
+def check_temperature(temperature: float) -> float:
+    if 0 < temperature < MIN_TEMPERATURE:
+        raise ValueError(f"must be 0 (greedy) or at least {MIN_TEMPERATURE:g}")
+    return temperature
+
+
+Temperature = Annotated[float, Field(ge=0), AfterValidator(check_temperature)]
+
+
 class ImageSampling(Options):
     """Text-to-image synthesis with classifier-free guidance, as in DeepSeek's generation_inference.py."""
 
     images_per_prompt: int = Field(16, ge=1, le=1024)
-    cfg_weight: float = Field(5.0, description="logits = uncond + cfg_weight * (cond - uncond)")
-    temperature: float = Field(1.0, ge=0, description="0: greedy")
+    # Bounded so that the mixed logits stay finite in float32 (DeepSeek uses 5).
+    cfg_weight: float = Field(5.0, ge=0, le=100, description="logits = uncond + cfg_weight * (cond - uncond)")
+    temperature: Temperature = Field(1.0, description="0: greedy")
     top_k: int | None = Field(None, ge=1, description="None: off, as in DeepSeek's code")
     top_p: float | None = Field(None, gt=0, le=1, description="None: off, as in DeepSeek's code")
-    seed: int = Field(0, description="with the prompt id and the image index, keys each image's random numbers")
+    seed: Seed = Field(0, description="with the prompt id and the image index, keys each image's random numbers")
     greedy: bool = Field(False, description="argmax at every step (temperature, top_k and top_p unused)")
 
     @property
@@ -40,8 +58,8 @@ class TextSampling(Options):
 
     max_new_tokens: int = Field(128, ge=1)
     greedy: bool = True
-    temperature: float = Field(1.0, ge=0, description="with greedy false; 0: greedy")
-    seed: int = Field(0, description="with the row id, keys each row's random numbers (greedy false)")
+    temperature: Temperature = Field(1.0, description="with greedy false; 0: greedy")
+    seed: Seed = Field(0, description="with the row id, keys each row's random numbers (greedy false)")
     ignore_eos: bool = Field(False, description="make max_new_tokens tokens whatever EOS (benchmarks)")
 
     @property

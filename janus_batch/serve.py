@@ -4,7 +4,8 @@
     serve run janus_batch.serve:build_app model=deepseek-community/Janus-Pro-1B num_gpus=1
     serve run janus_batch/serve_config.yaml                           # or `serve deploy` it to a running cluster
 
-Routes (JSON in, JSON out; images travel as base64 strings of encoded PNG/JPEG/WebP bytes):
+Routes (JSON in, sent as Content-Type: application/json, and JSON out; images travel as base64 strings of encoded
+PNG, JPEG, WebP, GIF, BMP or TIFF files):
     POST /v1/caption   {"images": [b64, ...], "instruction"?, "max_new_tokens"?, "greedy"?, "temperature"?, "seed"?,
                         "ignore_eos"?}
     POST /v1/vqa       {"images": [b64, ...], "questions": [str, ...], ...same options}
@@ -24,8 +25,10 @@ Exposing it:
   /docs and /openapi.json included, needs `Authorization: Bearer <token>` (else 401, before any body is read).
   The replica learns the bind host from the running Serve instance (`http_options.host`, e.g. `serve run --host`
   or a config's `http_options`): on anything but a loopback address it refuses to start without a token.
-- Bodies: each route takes at most what its limits allow (/v1/generate: its prompts, about 1 MB by default;
-  /v1/caption and /v1/vqa: their images, 225 MB by default), refused with 413; a body must arrive within
+- Bodies: JSON by Content-Type (415 otherwise: no web page can send one cross-site without a CORS preflight, which
+  is not answered), validated strictly, a 422 listing at most MAX_REPORTED_ERRORS errors. Each route takes at most
+  what its limits allow (/v1/generate: its prompts, about 1 MB by default; /v1/caption and /v1/vqa: their
+  images, 225 MB by default), refused with 413; a body must arrive within
   `body_timeout_s` (408). No lock is held while a body arrives; bodies held at once are bounded by
   `max_buffered_bytes` (503 with Retry-After beyond). Parsing and image decoding run in threads.
 - output_uri: checked as the target filesystem will read it (no `?`, `#`, `::`, backslash, control character,
@@ -160,11 +163,25 @@ REQUEST_LIMITS = (
 
 
 Text = Annotated[str, Field(max_length=MAX_TEXT_CHARS)]
+# Any list in a body: far above the servers' limits (max_images_per_request, ...), which are checked after
+# parsing, so that validation stops at once on a body of a million items rather than reporting each.
+MAX_LIST_ITEMS = 1024
+MAX_REPORTED_ERRORS = 20  # a 422 lists at most this many
 
 
 class StrictBody(BaseModel):
     # A misspelt option is an error, not silently ignored; so is NaN or Infinity (JSON parsers accept both).
     model_config = ConfigDict(extra="forbid", allow_inf_nan=False)
+
+    @model_validator(mode="before")
+    @classmethod
+    def refuse_unknown_fields(cls, data: Any) -> Any:
+        # One error for all of them: `extra="forbid"` makes one per field, a million for a body of a million.
+        if isinstance(data, dict) and (unknown := sorted(data.keys() - cls.model_fields.keys())):
+            shown = ", ".join(repr(name[:40]) for name in unknown[:5])
+            more = f" and {len(unknown) - 5} more" if len(unknown) > 5 else ""
+            raise ValueError(f"unknown fields {shown}{more}: extra inputs are not permitted")
+        return data
 
 
 # The requests inherit the engine's options, so the body stays flat ({"prompts": [...], "seed": 1}) and each
@@ -172,7 +189,7 @@ class StrictBody(BaseModel):
 
 
 class UnderstandRequest(StrictBody, TextSampling):
-    images: list[str] = Field(min_length=1, description="base64-encoded image files")
+    images: list[str] = Field(min_length=1, max_length=MAX_LIST_ITEMS, description="base64-encoded image files")
 
     @property
     def sampling(self) -> TextSampling:
@@ -184,7 +201,7 @@ class CaptionRequest(UnderstandRequest):
 
 
 class VQARequest(UnderstandRequest):
-    questions: list[Text] = Field(min_length=1, description="one question per image")
+    questions: list[Text] = Field(min_length=1, max_length=MAX_LIST_ITEMS, description="one question per image")
 
     @model_validator(mode="after")
     def check_questions(self) -> "VQARequest":
@@ -197,7 +214,7 @@ class VQARequest(UnderstandRequest):
 
 
 class GenerateRequest(StrictBody, ImageSampling):
-    prompts: list[Text] = Field(min_length=1)
+    prompts: list[Text] = Field(min_length=1, max_length=MAX_LIST_ITEMS)
     # Serve's own default, with the options' bounds: one image per prompt (a caller waits for all of them).
     images_per_prompt: Annotated[int, ImageSampling.model_fields["images_per_prompt"]] = 1
     output_uri: str | None = Field(None, description="write PNGs under this prefix (s3:// or a path)")
@@ -234,15 +251,20 @@ class GenerateResponse(BaseModel):
 
 
 def parse_body(model: type[BaseModel], body: bytes | bytearray) -> Any:
-    """Validate a JSON body whatever its Content-Type: 400 when it is not JSON, 422 when it does not fit."""
+    """Validate a JSON body, strictly (JSON's types as they are: "2" is no integer, 1 no boolean): 400 when it is
+    not JSON, 422 when it does not fit, listing the first MAX_REPORTED_ERRORS errors."""
     try:
-        return model.model_validate_json(body)
+        return model.model_validate_json(body, strict=True)
     except ValidationError as e:
         errors = e.errors(include_url=False, include_input=False)
         if errors[0]["type"] == "json_invalid":  # then the only error
             raise HTTPException(400, f"malformed JSON body: {errors[0]['ctx']['error']}") from None
         # Without the inputs (they may be megabytes of base64) and contexts (they may hold exception objects).
-        raise HTTPException(422, [{key: err[key] for key in ("type", "loc", "msg")} for err in errors]) from None
+        detail = [{key: err[key] for key in ("type", "loc", "msg")} for err in errors[:MAX_REPORTED_ERRORS]]
+        if len(errors) > MAX_REPORTED_ERRORS:
+            more = len(errors) - MAX_REPORTED_ERRORS
+            detail.append({"type": "more_errors", "loc": [], "msg": f"and {more} more errors"})
+        raise HTTPException(422, detail) from None
 
 
 # ---- jobs handed to the batch methods ----------------------------------------------------------------------
@@ -517,6 +539,10 @@ class JanusServer:
     @contextlib.asynccontextmanager
     async def received_body(self, http: Request, limit: int) -> AsyncIterator[bytearray]:
         """The whole request body, counted in the replica's buffered bytes until the block ends."""
+        # A browser sends any other type cross-site without asking first (a form, a plain-text fetch): refused, no
+        # web page can make a replica work.
+        if http.headers.get("content-type", "").split(";")[0].strip().lower() != "application/json":
+            raise HTTPException(415, "the body must be JSON, sent with Content-Type: application/json")
         body = bytearray()
         try:
             await self.receive(http, limit, body)
@@ -555,7 +581,8 @@ class JanusServer:
         pixels = []
         for i, b64 in enumerate(images):
             try:
-                data = base64.b64decode(b64, validate=True)
+                # Line breaks allowed: `base64` and MIME wrap their output at 76 columns.
+                data = base64.b64decode("".join(b64.split()), validate=True)
             except ValueError as e:  # binascii.Error, or a non-ASCII character
                 raise HTTPException(422, f"images[{i}]: invalid base64 ({e})") from None
             if len(data) > self.args.max_image_bytes:
