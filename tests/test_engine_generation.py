@@ -303,7 +303,8 @@ def test_prompt_format_is_told_from_the_checkpoint(engine):
         "/models/Janus-1.3B-hf": "janus-1.3b",
         "deepseek-ai/Janus-Pro-1B": "janus-pro",
         "deepseek-community/Janus-Pro-7B": "janus-pro",
-        "/models/janus-1.3b/snapshot": "janus-pro",  # only the last part of the name counts
+        "/models/janus-1.3b/snapshot": "janus-1.3b",  # the nearest part that names a model counts
+        "/models/janus-1.3b/Janus-Pro-1B": "janus-pro",
         "": "janus-pro",
     }
     for name, prompt_format in told.items():

@@ -22,7 +22,7 @@ import pytest
 import ray
 
 from janus_batch.io.storage import fs_path
-from tests.helpers import free_port
+from tests.helpers import free_ports
 from tests.jobs_data import read_parquet_dir, write_parquet
 
 pytest_plugins = ["tests.jobs_fixtures"]
@@ -111,12 +111,12 @@ def head_node():
     temp = tempfile.mkdtemp(prefix="rayjob", dir="/tmp")  # short: Ray's socket paths have a length limit
     env = dict(os.environ, RAY_AUTH_MODE="disabled", PATH=f"{VENV_BIN}:{os.environ['PATH']}")
     env.pop("RAY_ADDRESS", None)
-    dashboard = free_port()
+    gcs, dashboard, client_server, dashboard_agent = free_ports(4)
     ports = {
-        "--port": free_port(),
+        "--port": gcs,
         "--dashboard-port": dashboard,
-        "--ray-client-server-port": free_port(),
-        "--dashboard-agent-listen-port": free_port(),
+        "--ray-client-server-port": client_server,
+        "--dashboard-agent-listen-port": dashboard_agent,
     }
     start = [str(VENV_BIN / "ray"), "start", "--head", "--num-cpus=2", "--include-dashboard=true"]
     start += ["--dashboard-host=127.0.0.1", f"--temp-dir={temp}", "--disable-usage-stats"]
