@@ -12,7 +12,6 @@ from __future__ import annotations
 import math
 import unicodedata
 from collections.abc import Sequence
-from dataclasses import dataclass
 from typing import NamedTuple
 
 import pyarrow as pa
@@ -143,45 +142,21 @@ def normalise_prompt(text: str) -> str:
     return " ".join(text.split())
 
 
-@dataclass(frozen=True)
-class PromptDuplicates:
-    """The rows to drop before generation, and how many of them each kind of duplicate accounts for."""
-
-    drop: frozenset[int]  # the dropped rows' keys (row hashes, or row positions)
-    exact: int  # the same text as a row with a smaller key
-    normalised: int  # a new text, but the same normalised text as a row with a smaller key
-
-    def summary(self) -> dict[str, int]:
-        return {"duplicates_exact": self.exact, "duplicates_normalised": self.normalised}
-
-
-def find_duplicates(
-    table: pa.Table, prompt_column: str = "prompt", key_column: str | None = ROW_HASH
-) -> PromptDuplicates:
-    """The duplicate prompts of a whole dataset: of the rows that share a normalised text (`normalise_prompt`), the
-    one with the smallest key is kept and the others dropped. The result depends only on the (key, prompt) pairs,
-    never on their order, so any batching of a dataset gives the same rows.
-
-    Keys are `key_column`'s values (unique, e.g. `row_hash`), or the row positions when `key_column` is None (a
-    one-column table). Rows whose prompt is null are neither kept nor dropped here: their error belongs to the job.
+def find_duplicates(keys: Sequence[int], prompts: Sequence[str | None]) -> dict[int, int]:
+    """The duplicate prompts of a whole dataset, as {dropped row's key: kept row's key}: of the rows that share a
+    normalised text (`normalise_prompt`), the one with the smallest key (e.g. `row_hash`) is kept and the others
+    dropped. The result depends only on the (key, prompt) pairs, never on their order, so any batching of a
+    dataset gives the same rows. Rows whose prompt is null, or normalises to nothing (blank, punctuation only),
+    are neither kept nor dropped: they are not duplicates of each other, and their errors belong to the job.
     """
-    prompts = table[prompt_column].to_pylist()
-    keys = list(range(table.num_rows)) if key_column is None else table[key_column].to_pylist()
     if None in keys or len(set(keys)) != len(keys):
-        raise ValueError(f"{key_column!r} must be unique and never null to tell duplicate prompts apart")
-    first_by_text: dict[str, int] = {}  # exact text -> the smallest key that has it
-    for key, prompt in zip(keys, prompts, strict=True):
-        if prompt is not None and (prompt not in first_by_text or key < first_by_text[prompt]):
-            first_by_text[prompt] = key
-    first_by_norm: dict[str, int] = {}
-    for prompt, key in first_by_text.items():
-        norm = normalise_prompt(prompt)
-        if norm not in first_by_norm or key < first_by_norm[norm]:
-            first_by_norm[norm] = key
-    kept = set(first_by_norm.values())
-    drop = frozenset(key for key, prompt in zip(keys, prompts, strict=True) if prompt is not None and key not in kept)
-    exact = sum(prompt is not None for prompt in prompts) - len(first_by_text)
-    return PromptDuplicates(drop, exact=exact, normalised=len(first_by_text) - len(first_by_norm))
+        raise ValueError("prompt keys must be unique and never null to tell duplicate prompts apart")
+    normalised = {key: normalise_prompt(p) for key, p in zip(keys, prompts, strict=True) if p is not None}
+    kept_by_norm: dict[str, int] = {}  # normalised text -> the smallest key that has it
+    for key, norm in normalised.items():
+        if norm and (norm not in kept_by_norm or key < kept_by_norm[norm]):
+            kept_by_norm[norm] = key
+    return {key: kept_by_norm[norm] for key, norm in normalised.items() if norm and kept_by_norm[norm] != key}
 
 
 def score_quantiles(table: pa.Table, columns: Sequence[str] = SCORE_COLUMNS) -> dict[str, dict[str, float] | None]:

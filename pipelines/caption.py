@@ -40,7 +40,7 @@ def parser(task: str | None = None):
     p.add_argument("--input-format", choices=["parquet", "images"], help="default: parquet")
     p.add_argument("--image-column", help="encoded image bytes or HF Image struct (default: image)")
     p.add_argument("--image-uri-column", help="paths / s3:// URIs of the images, instead of bytes")
-    p.add_argument("--id-column", help="passed through to the output (default: image_id)")
+    p.add_argument("--id-column", help="passed through to the output (default: image_id; '': none)")
     p.add_argument("--question-column", help="VQA: the question per row")
     p.add_argument("--instruction", help=f"the caption prompt (default: {DEFAULT_CAPTION_INSTRUCTION})")
     p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT.max_new_tokens}")

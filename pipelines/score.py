@@ -29,7 +29,7 @@ def parser():
     p.add_argument("--input-format", choices=["parquet", "images"], help="default: parquet")
     p.add_argument("--image-column", help="encoded image bytes or HF Image struct (default: image)")
     p.add_argument("--image-uri-column", help="paths / s3:// URIs of the images, instead of bytes")
-    p.add_argument("--id-column", help="passed through to the output (default: image_id)")
+    p.add_argument("--id-column", help="passed through to the output (default: image_id; '': none)")
     p.add_argument("--prompt-column", help="what each image should show, for the alignment (default: none)")
     add_score_weights(p)
     return p

@@ -60,7 +60,9 @@ def parser():
     p = common_parser(__doc__.splitlines()[0])
     p.add_argument("--input", help="Parquet file or folder of prompts, local or s3:// (default: built-in prompts)")
     p.add_argument("--prompt-column", help="default: prompt")
-    p.add_argument("--id-column", help="default: prompt_id (keys the random numbers with the seed)")
+    p.add_argument(
+        "--id-column", help="default: prompt_id (keys the random numbers with the seed); '': none, the prompt is the id"
+    )
     p.add_argument("--images-per-prompt", type=int, help=f"default: {DEFAULT.images_per_prompt}")
     p.add_argument("--cfg-weight", type=float, help=f"default: {DEFAULT.cfg_weight:g}")
     p.add_argument("--temperature", type=float, help=f"default: {DEFAULT.temperature:g}")

@@ -177,16 +177,12 @@ def test_normalise_prompt_is_idempotent():
         assert normalise_prompt(once) == once
 
 
-def prompts_table(pairs: list[tuple[int, str | None]]) -> pa.Table:
-    return pa.table({"row_hash": pa.array([k for k, _ in pairs], pa.uint64()), "prompt": [p for _, p in pairs]})
-
-
 PROMPTS = [
     (40, "A cat on a mat."),
     (10, "a cat on a mat"),  # the smallest key of its normalised text: kept, though listed second
-    (30, "a cat on a mat"),  # exact duplicate of 10
-    (20, "A  CAT, on a mat"),  # normalised duplicate
-    (50, "A  CAT, on a mat"),  # exact duplicate of 20 (not of the kept text): exact
+    (30, "a cat on a mat"),
+    (20, "A  CAT, on a mat"),
+    (50, "A  CAT, on a mat"),  # the text of 20, which is dropped too: 10 is kept for it
     (2**63 + 7, "a dog"),
     (60, "a dog"),  # 60 < 2**63 + 7: this one is kept
     (70, None),  # no prompt: the job's error, not a duplicate
@@ -194,38 +190,35 @@ PROMPTS = [
 ]
 
 
-def test_find_duplicates_keeps_the_smallest_key_and_counts_each_kind():
-    found = find_duplicates(prompts_table(PROMPTS))
-    assert found.drop == {40, 30, 20, 50, 2**63 + 7}
-    assert (found.exact, found.normalised) == (3, 2)
-    assert found.summary() == {"duplicates_exact": 3, "duplicates_normalised": 2}
+def duplicates_of(pairs: list[tuple[int, str | None]]) -> dict[int, int]:
+    return find_duplicates([k for k, _ in pairs], [p for _, p in pairs])
 
 
-def test_find_duplicates_is_the_same_whatever_the_order_and_batching():
-    expected = find_duplicates(prompts_table(PROMPTS))
+def test_find_duplicates_keeps_the_smallest_key_of_each_normalised_text():
+    assert duplicates_of(PROMPTS) == {40: 10, 30: 10, 20: 10, 50: 10, 2**63 + 7: 60}
+
+
+def test_find_duplicates_is_the_same_whatever_the_order():
+    expected = duplicates_of(PROMPTS)
     for seed in range(10):
         rng = random.Random(seed)
         shuffled = rng.sample(PROMPTS, len(PROMPTS))
         cut = rng.randrange(1, len(PROMPTS))
-        table = pa.concat_tables([prompts_table(shuffled[cut:]), prompts_table(shuffled[:cut])])
-        assert find_duplicates(table) == expected
-
-
-def test_find_duplicates_by_row_position_on_a_one_column_table():
-    table = pa.table({"text": ["x y", "X-Y", "z", "x y", "Z!"]})
-    found = find_duplicates(table, prompt_column="text", key_column=None)
-    assert found.drop == {1, 3, 4}
-    assert (found.exact, found.normalised) == (1, 2)
+        assert duplicates_of(shuffled[cut:] + shuffled[:cut]) == expected
 
 
 def test_find_duplicates_without_duplicates_drops_nothing():
-    found = find_duplicates(prompts_table([(1, "a"), (2, "b"), (3, None), (4, None)]))
-    assert found.drop == frozenset() and (found.exact, found.normalised) == (0, 0)
+    assert duplicates_of([(1, "a"), (2, "b"), (3, None), (4, None)]) == {}
+
+
+def test_blank_and_punctuation_only_prompts_are_not_duplicates():
+    # They normalise to nothing: each is its own error row in the job, none is kept for the others.
+    assert duplicates_of([(1, ""), (2, "   "), (3, "!!!"), (4, "..."), (5, "a"), (6, "A.")]) == {6: 5}
 
 
 def test_find_duplicates_refuses_repeated_keys():
     with pytest.raises(ValueError, match="unique"):
-        find_duplicates(prompts_table([(1, "a"), (1, "b")]))
+        duplicates_of([(1, "a"), (1, "b")])
 
 
 def test_score_quantiles_ignore_null_and_nan():

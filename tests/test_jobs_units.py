@@ -29,7 +29,7 @@ from janus_batch.io.commits import RunFiles
 from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs import KINDS, CaptionJob, SynthesizeJob
+from janus_batch.jobs import KINDS, CaptionJob, CurateJob, SynthesizeJob
 from janus_batch.jobs.kinds import model_stage_args
 from janus_batch.jobs.pipeline import cpu_shortfall, prepare
 from janus_batch.jobs.specs import RUN_ID, ModelSpec, ResourceSpec, resolve_run_id
@@ -64,6 +64,14 @@ REPO = Path(__file__).resolve().parents[1]
 def test_synthesize_spec_messages_name_the_field(data, message):
     with pytest.raises(ValidationError, match=message.replace("(", r"\(").replace(")", r"\)")):
         SynthesizeJob.model_validate(data)
+
+
+def test_min_aesthetic_must_be_on_the_rating_scale():
+    assert CurateJob(selection={"min_aesthetic": 9}).selection.min_aesthetic == 9
+    assert CurateJob(selection={"min_aesthetic": 0.5}, scores={"aesthetic_low": 0}).selection.min_aesthetic == 0.5
+    for threshold in (0.5, 9.5, 60):  # 60: a 0-100 rating on the default 1-9 scale keeps nothing
+        with pytest.raises(ValidationError, match=f"min_aesthetic {threshold:g} is off the rating scale 1..9"):
+            CurateJob(selection={"min_aesthetic": threshold})
 
 
 def test_run_id_templates_name_the_slot(monkeypatch):
@@ -443,6 +451,11 @@ def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tin
     base = {"output": {"path": str(tmp_path / "out")}, "storage": storage.model_dump()}
     with pytest.raises(ValueError, match=r"has no prompt column 'prompt'; its columns are \['text', 'prompt_id'\]"):
         prepare(SynthesizeJob.model_validate({**base, "input": {"path": prompts}}))
+    no_ids = write_parquet(pa.table({"prompt": ["a"]}), f"{bucket}/in/no-ids.parquet", storage)
+    with pytest.raises(ValueError, match=r"has no id column 'prompt_id'.*optional: --id-column '' or id_column: null"):
+        prepare(SynthesizeJob.model_validate({**base, "input": {"path": no_ids}}))
+    for kind in (SynthesizeJob, CurateJob):  # '' is none (--id-column ''), as null is: it crashed curate jobs
+        assert kind.model_validate({**base, "input": {"path": no_ids, "id_column": ""}}).input.id_column is None
     with pytest.raises(FileNotFoundError, match="input path does not exist"):
         prepare(SynthesizeJob.model_validate({**base, "input": {"path": f"{bucket}/nothing/here"}}))
     with pytest.raises(ValueError, match="cannot read the config of model '/no/such/model'"):

@@ -104,9 +104,11 @@ def schema_difference(a: pa.Schema, b: pa.Schema) -> str:
 
 def require_columns(schema: pa.Schema, columns: dict[str, str | None], path: str) -> None:
     """`columns`: role -> column name (None: not used). Raises naming every missing column at once."""
-    missing = [f"{role} column {name!r}" for role, name in columns.items() if name and name not in schema.names]
+    missing = {role: name for role, name in columns.items() if name and name not in schema.names}
     if missing:
-        raise ValueError(f"input {path} has no {', no '.join(missing)}; its columns are {schema.names}")
+        named = ", no ".join(f"{role} column {name!r}" for role, name in missing.items())
+        hint = " (an id column is optional: --id-column '' or id_column: null goes without)" if "id" in missing else ""
+        raise ValueError(f"input {path} has no {named}; its columns are {schema.names}{hint}")
 
 
 def read_parquet(path: str, storage: StorageConfig, columns: list[str], num_cpus: float) -> ray.data.Dataset:

@@ -15,17 +15,17 @@ from pydantic import Field, field_validator, model_validator
 from janus_batch import stages
 from janus_batch.io import readers, schemas
 from janus_batch.jobs.kinds import Build, JobKind, Prepared, Stage, actor_pool
-from janus_batch.jobs.specs import JobSpec, Spec
+from janus_batch.jobs.specs import JobSpec, OptionalColumn, Spec
 from janus_batch.options import DEFAULT_CAPTION_INSTRUCTION, TextSampling
 
 
 class ImageInput(Spec):
     path: str = Field(description="Parquet file or folder, or a folder of image files; local or s3://")
     format: Literal["parquet", "images"] = "parquet"
-    image_column: str | None = Field("image", description="encoded bytes, or a {bytes, path} struct (HF Image)")
-    image_uri_column: str | None = Field(None, description="local path or s3:// URI per row (instead of bytes)")
-    id_column: str | None = Field("image_id", description="passed through to the output; None: none")
-    question_column: str | None = Field(None, description="VQA: the question per row")
+    image_column: OptionalColumn = Field("image", description="encoded bytes, or a {bytes, path} struct (HF Image)")
+    image_uri_column: OptionalColumn = Field(None, description="local path or s3:// URI per row (instead of bytes)")
+    id_column: OptionalColumn = Field("image_id", description="passed through to the output; None: none")
+    question_column: OptionalColumn = Field(None, description="VQA: the question per row")
     check_duplicate_ids: bool = True
     max_image_bytes: int = Field(32 * 2**20, ge=1)
 

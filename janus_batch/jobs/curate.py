@@ -19,7 +19,7 @@ from typing import Literal
 import pyarrow as pa
 import pyarrow.compute as pc
 import ray
-from pydantic import Field, field_validator
+from pydantic import Field, field_validator, model_validator
 
 from janus_batch import stages
 from janus_batch.curation import (
@@ -27,7 +27,6 @@ from janus_batch.curation import (
     SCORE_COLUMNS,
     SelectionRule,
     find_duplicates,
-    normalise_prompt,
     score_quantiles,
 )
 from janus_batch.io import readers, schemas
@@ -67,6 +66,16 @@ class CurateJob(SynthesizeJob):
             raise ValueError("caption_instruction is empty")
         return instruction
 
+    @model_validator(mode="after")
+    def min_aesthetic_on_the_scale(self) -> CurateJob:
+        # The expected rating lies on the scale: a threshold off it keeps every candidate or none.
+        low, high, threshold = self.scores.aesthetic_low, self.scores.aesthetic_high, self.selection.min_aesthetic
+        if threshold is not None and not low <= threshold <= high:
+            raise ValueError(
+                f"min_aesthetic {threshold:g} is off the rating scale {low}..{high} (scores.aesthetic_low/high)"
+            )
+        return self
+
 
 def read_prompt_columns(ds: ray.data.Dataset, prompt_column: str, id_column: str | None) -> pa.Table:
     """The row_hash, prompt (and id) columns of the whole input, done rows included, on the driver: one pass."""
@@ -81,37 +90,33 @@ def repeated_values(column: pa.ChunkedArray) -> set:
     return {value for value, n in counts.items() if n > 1}
 
 
-def duplicate_prompt_errors(table: pa.Table, prompt_column: str, id_column: str | None) -> dict[int, str]:
+def duplicate_prompt_errors(
+    table: pa.Table, prompt_column: str, id_column: str | None, duplicate_ids: set
+) -> dict[int, str]:
     """row_hash -> its error, for the rows whose prompt repeats another row's, exactly or once normalised
-    (curation.find_duplicates: of a text, the row with the smallest row_hash is kept). The error names the row
-    (by its id, else its prompt) whose text it repeats."""
+    (curation.find_duplicates: of a text, the row with the smallest row_hash is kept). The error names the kept
+    row (by its id, else its prompt). Only rows that would be generated take part: a row whose prompt or id has
+    an error of its own (stages.prepare_prompts) neither is kept nor drops another."""
     keys, prompts, names = [], [], []
     ids = table[id_column or prompt_column].to_pylist()
-    for key, raw, name in zip(table[schemas.ROW_HASH].to_pylist(), table[prompt_column].to_pylist(), ids, strict=True):
+    for key, raw, raw_id in zip(
+        table[schemas.ROW_HASH].to_pylist(), table[prompt_column].to_pylist(), ids, strict=True
+    ):
         prompt, error = stages.as_text("prompt", raw)
-        if error is None:  # a row without a text prompt gets its own error
+        id_ok = not id_column or (
+            stages.as_id(id_column, raw_id)[1] is None and readers.id_key(raw_id) not in duplicate_ids
+        )
+        if error is None and id_ok:
             keys.append(key)
             prompts.append(prompt)
-            names.append(name)
-    texts = pa.table({schemas.ROW_HASH: pa.array(keys, pa.uint64()), "prompt": pa.array(prompts, pa.string())})
-    drop = find_duplicates(texts).drop
+            names.append(raw_id)
+    kept_for = find_duplicates(keys, prompts)
     name_of = dict(zip(keys, names, strict=True))
-    first_exact: dict[str, int] = {}
-    kept_normalised: dict[str, int] = {}
-    for key, prompt in zip(keys, prompts, strict=True):
-        first_exact[prompt] = min(key, first_exact.get(prompt, key))
-        if key not in drop:
-            kept_normalised[normalise_prompt(prompt)] = key
-    errors = {}
-    for key, prompt in zip(keys, prompts, strict=True):
-        if key not in drop:
-            continue
-        if first_exact[prompt] != key:
-            errors[key] = f"{DUPLICATE}{stages.short(name_of[first_exact[prompt]])}"
-        else:
-            original = kept_normalised[normalise_prompt(prompt)]
-            errors[key] = f"{DUPLICATE}{stages.short(name_of[original])}{ONCE_NORMALISED}"
-    return errors
+    prompt_of = dict(zip(keys, prompts, strict=True))
+    return {
+        key: DUPLICATE + stages.short(name_of[kept]) + ("" if prompt_of[key] == prompt_of[kept] else ONCE_NORMALISED)
+        for key, kept in kept_for.items()
+    }
 
 
 def check_prompts(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
@@ -122,7 +127,7 @@ def check_prompts(build: Build, ds: ray.data.Dataset) -> ray.data.Dataset:
     # an id column, repeated prompt texts are the prompt duplicates, of which one is kept.
     table = read_prompt_columns(ds, prompt_column, id_column)
     dups = repeated_values(table[id_column]) if check_ids else set()
-    dropped = duplicate_prompt_errors(table, prompt_column, id_column)
+    dropped = duplicate_prompt_errors(table, prompt_column, id_column, dups)
     ds = build.skip_done(ds)
     return ds.map_batches(
         stages.prepare_prompts,

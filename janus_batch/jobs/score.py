@@ -19,14 +19,16 @@ from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
 from janus_batch.jobs.caption import Caption, ImageInput, passthrough, prepare_images, read_images
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
-from janus_batch.jobs.specs import JobSpec
+from janus_batch.jobs.specs import JobSpec, OptionalColumn
 from janus_batch.options import ScoreOptions
 
 SCORE_FIELDS = [(name, pa.float32()) for name in SCORE_COLUMNS]
 
 
 class ScoreInput(ImageInput):
-    prompt_column: str | None = Field(None, description="what each image should show, for the alignment; None: none")
+    prompt_column: OptionalColumn = Field(
+        None, description="what each image should show, for the alignment; None: none"
+    )
 
     @property
     def text_column(self) -> tuple[str | None, str]:

@@ -10,9 +10,9 @@ from __future__ import annotations
 import re
 import secrets
 from datetime import datetime, timezone
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, field_validator, model_validator
 
 from janus_batch.io.storage import StorageConfig, join
 from janus_batch.io.writers import OutputFormat
@@ -34,6 +34,14 @@ def resolve_run_id(template: str, now: datetime) -> str:
     if not RUN_ID.fullmatch(run_id):
         raise ValueError(f"run_id {run_id!r} (from {template!r}): use letters, digits, '.', '_' and '-' only")
     return run_id
+
+
+def no_column_if_empty(name: object) -> object:
+    return None if name == "" else name
+
+
+# An optional input column: None or "" (as `--id-column ''` gives it) for none.
+OptionalColumn = Annotated[str | None, BeforeValidator(no_column_if_empty)]
 
 
 class Spec(BaseModel):

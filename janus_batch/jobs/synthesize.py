@@ -18,7 +18,7 @@ from janus_batch import stages
 from janus_batch.io import readers, schemas
 from janus_batch.io.storage import fs_path, join, write_bytes
 from janus_batch.jobs.kinds import Build, JobKind, Prepared, Stage, actor_pool
-from janus_batch.jobs.specs import JobSpec, Spec
+from janus_batch.jobs.specs import JobSpec, OptionalColumn, Spec
 from janus_batch.options import ImageSampling
 
 BUILTIN_PROMPTS = [
@@ -32,7 +32,7 @@ BUILTIN_PROMPTS = [
 class PromptInput(Spec):
     path: str = Field(description="Parquet file or folder, local or s3://")
     prompt_column: str = "prompt"
-    id_column: str | None = Field("prompt_id", description="None: the prompt text is the id")
+    id_column: OptionalColumn = Field("prompt_id", description="None: the prompt text is the id")
     check_duplicate_ids: bool = Field(
         True, description="report rows sharing an id (or, without id_column, a prompt text): one pass over that column"
     )
