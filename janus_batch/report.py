@@ -7,8 +7,9 @@ only the rows' other columns stay in memory, whatever the size of the run. It wr
 RUN_DIR/report, with the storage layer, so it may be s3:// too):
 
     index.html            the run summary (summary.json), the score plots, the list of pages
-    page-0001.html ...    contact sheets of --per-page prompts each: thumbnails with their scores, rank, kept mark
-                          and caption, where the run has those columns; a run without images: a table of its rows
+    page-0001.html ...    contact sheets of --per-page prompts each: every candidate with its scores, rank, kept
+                          mark and caption, where the run has those columns, and its thumbnail where the run wrote
+                          its image; a run of text rows (captions, answers): a table of its rows
     errors.html           the error rows (when there are any)
     plots/*.png           histograms of alignment, aesthetic and score, the alignment-vs-aesthetic scatter (kept
                           vs not kept), drawn with PIL
@@ -51,7 +52,7 @@ SCORES = ("alignment", "aesthetic", "score")
 HIDDEN = {"model_id", "weights_hash", "run_id", "created_at", "row_hash", ERROR}  # bookkeeping, not shown in tables
 RUN_FACTS = ("status", "run_id", "kind", "inputs", "inputs_done", "rows", "errors", "expected_rows", "wall_time_s")
 RUN_FACTS += ("rows_per_s", "started_at", "finished_at", "repaired_before")
-CURATION_FACTS = ("candidates", "kept", "selection", "score_quantiles")
+CURATION_FACTS = ("candidates", "kept", "duplicates_exact", "duplicates_normalised", "selection", "score_quantiles")
 IMAGE_MEMBERS = (".png", ".jpg", ".jpeg", ".webp")
 KEPT_COLOUR, OTHER_COLOUR = (34, 139, 34), (150, 150, 170)
 
@@ -178,10 +179,18 @@ def read_rows(run: Place, out: Place, thumb_size: int) -> list[ReportRow]:
 
 
 def read_summary(run_dir: str, storage: StorageConfig) -> dict | None:
+    uri = join(run_dir, "summary.json")
     try:
-        return json.loads(read_bytes(join(run_dir, "summary.json"), storage, SUMMARY_MAX_BYTES))
+        summary = json.loads(read_bytes(uri, storage, SUMMARY_MAX_BYTES))
     except FileNotFoundError:
         return None
+    except UnicodeDecodeError as e:
+        raise ValueError(f"{uri} is not UTF-8 JSON: {e}") from None
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{uri} is not JSON: {e}") from None
+    if not isinstance(summary, dict):
+        raise ValueError(f"{uri} is not a JSON object")
+    return summary
 
 
 # ---- plots --------------------------------------------------------------------------------------------------
@@ -327,7 +336,8 @@ def css(thumb_size: int) -> str:
         f"figure{{margin:0;padding:3px;background:#fff;border:3px solid #ddd;width:{thumb_size}px;font-size:11px}}"
         f"figure img{{display:block;max-width:{thumb_size}px}}"
         "figure.kept{border-color:#228b22}.mark{color:#fff;background:#228b22;padding:0 4px;border-radius:3px}"
-        ".unreadable{color:#b00;height:64px}figcaption{overflow-wrap:anywhere}.plots img{margin:4px}"
+        ".unreadable{color:#b00;height:64px}.noimage{color:#888;height:64px}"
+        "figcaption{overflow-wrap:anywhere}.plots img{margin:4px}"
         "pre{background:#fff;padding:8px;overflow:auto}"
     )
 
@@ -383,8 +393,10 @@ def card(row: ReportRow) -> str:
     if row.thumb is not None:
         width, height = row.thumb_size
         picture = f'<img src="{esc(quote(row.thumb))}" width="{width}" height="{height}" alt="{esc(c["key"])}">'
-    else:
+    elif row.unreadable is not None:
         picture = f'<div class="unreadable">image not shown: {esc(row.unreadable)}</div>'
+    else:  # a candidate whose image the run did not write (not kept, without --write-all)
+        picture = '<div class="noimage">no image written</div>'
     lines = []
     head = [f"#{c['rank']}" if c.get("rank") is not None else None, '<span class="mark">kept</span>' if kept else None]
     lines.append(" ".join(h for h in head if h))
@@ -406,7 +418,7 @@ def first_of(columns: dict[str, Any], names: tuple[str, ...]) -> Any:
 
 
 def prompt_groups(rows: list[ReportRow]) -> list[list[ReportRow]]:
-    """The image rows by prompt (prompt_id, else prompt text, else one row a group), in order of appearance,
+    """The candidate rows by prompt (prompt_id, else prompt text, else one row a group), in order of appearance,
     each best first: by rank where there is one, then by sample index."""
     groups: dict[Any, list[ReportRow]] = {}
     for row in rows:
@@ -484,12 +496,18 @@ def write_report(
 
     errors = [r for r in rows if r.columns.get(ERROR) is not None]
     good = [r for r in rows if r.columns.get(ERROR) is None]
-    with_images = [r for r in good if r.has_image]
-    if with_images:  # contact sheets, per_page prompts a page
-        groups = prompt_groups(with_images)
+    # A synthesis run's rows are candidates: in a curated run, by default, only the kept ones carry an image, and
+    # a prompt's sheet shows every candidate all the same (its scores, rank), and a prompt with none kept.
+    candidates = [r for r in good if r.has_image or "kept" in r.columns]
+    if candidates:  # contact sheets, per_page prompts a page
+        groups = prompt_groups(candidates)
         chunks = [groups[i : i + per_page] for i in range(0, len(groups), per_page)]
         bodies = ["".join(sheet(g) for g in chunk) for chunk in chunks]
-        described = [f"{len(chunk)} prompts, {sum(len(g) for g in chunk)} images" for chunk in chunks]
+        described = [
+            f"{len(chunk)} prompts, {sum(len(g) for g in chunk)} candidates, "
+            f"{sum(r.has_image for g in chunk for r in g)} images"
+            for chunk in chunks
+        ]
     else:  # a text run (captions, answers): its rows in tables
         chunks = [good[i : i + per_page] for i in range(0, len(good), per_page)]
         shown_rows = [[{k: v for k, v in r.columns.items() if k not in HIDDEN} for r in chunk] for chunk in chunks]

@@ -184,6 +184,61 @@ def test_an_unreadable_image_is_named_not_fatal(tmp_path):
     assert page.count("<figure") == 6 and page.count("image not shown: cannot identify image file") == 1
 
 
+def images_of_kept_only(table: pa.Table, none_kept: set[str] = frozenset()) -> pa.Table:
+    """`table` as a curated run writes it by default: an image for the kept candidates only. The prompts
+    `none_kept` keep none of theirs (thresholds no candidate passed)."""
+    rows = table.to_pylist()
+    for row in rows:
+        if row["prompt_id"] in none_kept:
+            row |= dict(kept=False, caption=None)
+        if not row["kept"]:
+            row["image"] = None
+    return pa.Table.from_pylist(rows, schema=table.schema)
+
+
+@pytest.mark.parametrize("output_format", FORMATS)
+def test_a_sheet_shows_every_candidate_of_its_prompt(tmp_path, output_format):
+    table = images_of_kept_only(candidates(prompts=3, per_prompt=4, failed=0), none_kept={"p002"})
+    write_run(str(tmp_path / "r1"), table, output_format, StorageConfig())
+
+    made = report.write_report(str(tmp_path / "r1"))
+
+    assert (made["pages"], made["rows"], made["thumbnails"]) == (1, 12, 2 * KEEP)
+    (page,) = pages_of(tmp_path / "r1/report")
+    assert sorted(page.figures) == ["candidate"] * (12 - 2 * KEEP) + ["kept"] * (2 * KEEP)
+    text = (tmp_path / "r1/report/page-0001.html").read_text()
+    for p, kept in ((0, KEEP), (1, KEEP), (2, 0)):
+        sheet = text[text.index(f"prompt number {p}<") :].split("</section>")[0]
+        assert f"4 candidates &middot; {kept} kept" in sheet and sheet.count("<figure") == 4
+        assert sheet.count("no image written") == 4 - kept and sheet.count("#4") == 1  # ranks shown, thumb or not
+    index = (tmp_path / "r1/report/index.html").read_text()
+    assert f"3 prompts, 12 candidates, {2 * KEEP} images" in index
+
+
+def test_a_run_that_kept_nothing_still_has_its_sheets(tmp_path):
+    table = images_of_kept_only(candidates(prompts=2, per_prompt=3, failed=0), none_kept={"p000", "p001"})
+    write_run(str(tmp_path / "r1"), table, "parquet", StorageConfig())
+
+    made = report.write_report(str(tmp_path / "r1"))
+
+    assert (made["pages"], made["thumbnails"]) == (1, 0)
+    (page,) = pages_of(tmp_path / "r1/report")
+    assert page.figures == ["candidate"] * 6 and page.images == []
+
+
+def test_the_index_shows_the_duplicate_counts_and_a_bad_summary_is_named(tmp_path, capsys):
+    run = write_run(str(tmp_path / "r1"), candidates(prompts=1, per_prompt=2, failed=0), "parquet", StorageConfig())
+    summary = json.loads((tmp_path / "r1/summary.json").read_text()) | dict(duplicates_exact=3, duplicates_normalised=5)
+    (tmp_path / "r1/summary.json").write_text(json.dumps(summary))
+    report.write_report(run.run_dir)
+    index = (tmp_path / "r1/report/index.html").read_text()
+    assert "<th>duplicates_exact</th><td>3</td>" in index and "<th>duplicates_normalised</th><td>5</td>" in index
+
+    (tmp_path / "r1/summary.json").write_text('{"status": "succ')
+    assert report.main([run.run_dir]) == 1
+    assert f"{tmp_path}/r1/summary.json is not JSON" in capsys.readouterr().err
+
+
 def test_plain_synthesis_run_has_sheets_and_no_plots(tmp_path):
     table = candidates(prompts=3, per_prompt=4, curated=False, failed=0)
     write_run(str(tmp_path / "r1"), table, "parquet", StorageConfig())
