@@ -477,6 +477,17 @@ def error_table(rows: list[ReportRow]) -> str:
     return table([{n: r.columns[n] for n in names if n in r.columns} for r in rows])
 
 
+def remove_stale_pages(out: Place, written: set[str]) -> None:
+    """Delete the pages an earlier report into `out` left that this one did not write (a longer run's last
+    pages, its errors page), so that no page of the folder shows another run's state."""
+    selector = pafs.FileSelector(out.path, allow_not_found=True)
+    for info in out.fs.get_file_info(selector):
+        name = posixpath.basename(info.path)
+        stale = name == "errors.html" or (name.startswith("page-") and name.endswith(".html"))
+        if info.type == pafs.FileType.File and stale and name not in written:
+            out.fs.delete_file(info.path)
+
+
 def write_report(
     run_dir: str,
     out_dir: str | None = None,
@@ -528,6 +539,7 @@ def write_report(
     if errors:
         write_page("errors.html", "errors", "errors", f"<h1>Error rows ({len(errors)})</h1>{error_table(errors)}")
     write_page("index.html", "run report", "index", summary_body(summary, rows, described, list(plot_files)))
+    remove_stale_pages(out, {page_name(n) for n in range(1, pages + 1)} | ({"errors.html"} if errors else set()))
     return {
         "index": join(out_dir, "index.html"),
         "pages": pages,

@@ -252,6 +252,26 @@ def test_plain_synthesis_run_has_sheets_and_no_plots(tmp_path):
     assert not (tmp_path / "out/errors.html").exists()
 
 
+def test_a_report_rewritten_into_its_folder_drops_the_pages_it_no_longer_has(tmp_path):
+    write_run(str(tmp_path / "r1"), candidates(prompts=6, per_prompt=2, failed=1), "parquet", StorageConfig())
+    report.write_report(str(tmp_path / "r1"), str(tmp_path / "out"), per_page=2)
+    assert sorted(p.name for p in (tmp_path / "out").glob("*.html")) == [
+        "errors.html",
+        "index.html",
+        "page-0001.html",
+        "page-0002.html",
+        "page-0003.html",
+    ]
+    (tmp_path / "out/notes.html").write_text("mine")  # not a page of the report: left alone
+
+    write_run(str(tmp_path / "r2"), candidates(prompts=3, per_prompt=2, failed=0), "parquet", StorageConfig())
+    made = report.write_report(str(tmp_path / "r2"), str(tmp_path / "out"), per_page=2)
+
+    assert (made["pages"], made["errors"]) == (2, 0)
+    names = sorted(p.name for p in (tmp_path / "out").glob("*.html"))
+    assert names == ["index.html", "notes.html", "page-0001.html", "page-0002.html"]
+
+
 def test_caption_run_is_a_table(tmp_path):
     schema = understanding_schema(ROW_HASH, [("image_id", pa.string())], "caption")
     rows = [
