@@ -350,11 +350,12 @@ def test_score_pipeline_scores_a_corpus_once(ray_cluster, tiny_model_dir, tmp_pa
     # preprocessed pixels; a bad image, or a null in the prompt column, is the row's error; a rerun makes 0 rows.
     rng = np.random.default_rng(3)
     images = [Image.fromarray(rng.integers(0, 256, (40 + 8 * i, 64, 3), dtype=np.uint8)) for i in range(3)]
+    # Id and prompt dictionary-encoded, as pandas writes a category column: the duplicate-id pass crashed on them.
     table = pa.table(
         {
-            "image_id": ["a", "b", "c", "bad", "null"],
+            "image_id": pa.array(["a", "b", "c", "bad", "null"]).dictionary_encode(),
             "image": [encoded(im) for im in images] + [b"not an image", encoded(images[0])],
-            "prompt": ["a red fox", "portrait", "a lighthouse on a cliff", "x", None],
+            "prompt": pa.array(["a red fox", "portrait", "a lighthouse on a cliff", "x", None]).dictionary_encode(),
         }
     )
     corpus = write_parquet(table, str(tmp_path / "corpus.parquet"), StorageConfig())

@@ -88,7 +88,18 @@ def parquet_schema(path: str, storage: StorageConfig) -> pa.Schema:
                 f"input files {files[0]} and {file} have different columns ({difference}): all Parquet files of an "
                 "input are read as one table"
             )
-    return first
+    return without_dictionaries(first)
+
+
+def without_dictionaries(schema: pa.Schema) -> pa.Schema:
+    """`schema` with dictionary-encoded columns (a pandas category saved to Parquet) as their values' type: ids
+    and texts are grouped and compared by value, which Arrow does not do on dictionaries."""
+    fields = [f.with_type(f.type.value_type) if pa.types.is_dictionary(f.type) else f for f in schema]
+    return pa.schema(fields, metadata=schema.metadata)
+
+
+def decode_dictionaries(batch: pa.Table) -> pa.Table:
+    return batch.cast(without_dictionaries(batch.schema))
 
 
 def schema_difference(a: pa.Schema, b: pa.Schema) -> str:
@@ -109,11 +120,19 @@ def require_columns(schema: pa.Schema, columns: dict[str, str | None], path: str
         named = ", no ".join(f"{role} column {name!r}" for role, name in missing.items())
         hint = " (an id column is optional: --id-column '' or id_column: null goes without)" if "id" in missing else ""
         raise ValueError(f"input {path} has no {named}; its columns are {schema.names}{hint}")
+    id_column = columns.get("id")
+    if id_column and pa.types.is_nested(id_type := schema.field(id_column).type):
+        raise ValueError(
+            f"input {path}: id column {id_column!r} is {id_type}, not a single value (text, a number, ...) that rows "
+            "can be told apart by; use another column, or --id-column '' for none"
+        )
 
 
 def read_parquet(path: str, storage: StorageConfig, columns: list[str], num_cpus: float) -> ray.data.Dataset:
     ds = ray.data.read_parquet(path, filesystem=storage.filesystem(path), include_row_hash=True, num_cpus=num_cpus)
-    return ds.select_columns([*dict.fromkeys(columns), ROW_HASH])
+    ds = ds.select_columns([*dict.fromkeys(columns), ROW_HASH])
+    # As parquet_schema gives the columns' types; fused into the read tasks.
+    return ds.map_batches(decode_dictionaries, batch_format="pyarrow", batch_size=None, num_cpus=num_cpus)
 
 
 def read_image_folder(path: str, storage: StorageConfig, num_cpus: float) -> ray.data.Dataset:
