@@ -467,6 +467,8 @@ def encode_images(
 # ---- caption / VQA ---------------------------------------------------------------------------------------
 
 PREPARED_IMAGE = "pixels"  # uint8 [S, S, 3] resized and padded (preprocess_image), as raw bytes
+PREPARED_TEXT = "question"  # the row's question (VQA) or prompt (scoring)
+PREPARED_COLUMNS = (PREPARED_TEXT, PREPARED_IMAGE, ERROR)  # what prepare_images adds beside the passed-through ones
 
 
 def prepare_images(
@@ -516,7 +518,7 @@ def prepare_images(
         texts.append(question)
         errors.append(error)
     columns = {name: batch[name] for name in dict.fromkeys([resume_key, *passthrough])}
-    columns["question"] = pa.array(texts, pa.string())
+    columns[PREPARED_TEXT] = pa.array(texts, pa.string())
     columns[PREPARED_IMAGE] = pa.array(pixels, pa.binary())
     columns[ERROR] = pa.array(errors, pa.string())
     return pa.table(columns)
@@ -589,7 +591,7 @@ class ImageStage(ModelStage):
     def process(self, batch: pa.Table) -> pa.Table:
         size = self.engine.image_size
         errors = batch[ERROR].to_pylist()
-        questions = batch["question"].to_pylist()
+        questions = batch[PREPARED_TEXT].to_pylist()
         for i, question in enumerate(questions):
             errors[i] = errors[i] or self.check(question)
         keys = [row_key(k) for k in batch[self.resume_key].to_pylist()]
@@ -654,7 +656,7 @@ class ImageScorer(ImageStage):
     """Image stage of scoring an image corpus: a prompt each in `question` (or None: the aesthetic alone) ->
     alignment, aesthetic, combined score."""
 
-    drop = ["question"]
+    drop = [PREPARED_TEXT]
 
     def __init__(self, *, scores: ScoreOptions, **engine_args):
         from janus_batch.engine import Scorer  # in the actor, as the engine (load_engine)

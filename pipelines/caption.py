@@ -30,8 +30,8 @@ FLAGS = {
 DEFAULT = TextSampling()
 
 
-def parser(task: str | None = None):
-    p = common_parser(__doc__.splitlines()[0])
+def parser(task: str | None = None, description: str = __doc__.split("\n\n")[0]):
+    p = common_parser(description)
     if task is None:
         p.add_argument("--task", choices=["caption", "vqa"], help="default: caption")
     else:
@@ -42,7 +42,8 @@ def parser(task: str | None = None):
     p.add_argument("--image-uri-column", help="paths / s3:// URIs of the images, instead of bytes")
     p.add_argument("--id-column", help="passed through to the output (default: image_id; '': none)")
     p.add_argument("--question-column", help="VQA: the question per row")
-    p.add_argument("--instruction", help=f"the caption prompt (default: {DEFAULT_CAPTION_INSTRUCTION})")
+    if task != "vqa":  # VQA asks each row's question instead
+        p.add_argument("--instruction", help=f"the caption prompt (default: {DEFAULT_CAPTION_INSTRUCTION})")
     p.add_argument("--max-new-tokens", type=int, help=f"default: {DEFAULT.max_new_tokens}")
     p.add_argument(
         "--sample", dest="greedy", action="store_false", default=None, help="sample instead of greedy decoding"

@@ -24,7 +24,7 @@ FLAGS = {
 
 
 def parser():
-    p = common_parser(__doc__.splitlines()[0])
+    p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--input", help="Parquet file/folder or image folder, local or s3://")
     p.add_argument("--input-format", choices=["parquet", "images"], help="default: parquet")
     p.add_argument("--image-column", help="encoded image bytes or HF Image struct (default: image)")

@@ -57,7 +57,7 @@ def kind_of(args: argparse.Namespace, data: dict) -> str:
 
 
 def parser():
-    p = common_parser(__doc__.splitlines()[0])
+    p = common_parser(__doc__.split("\n\n")[0])
     p.add_argument("--input", help="Parquet file or folder of prompts, local or s3:// (default: built-in prompts)")
     p.add_argument("--prompt-column", help="default: prompt")
     p.add_argument(

@@ -1,4 +1,4 @@
-"""Visual question answering with Janus: pipelines/caption.py with --task vqa (a question per row).
+"""Visual question answering with Janus: pipelines/caption.py's task vqa (a question per row), on Ray; resumable.
 
 python pipelines/vqa.py --input s3://bucket/vqa.parquet --question-column question --id-column image_id
 """
@@ -14,4 +14,4 @@ from caption import FLAGS, parser  # noqa: E402
 from janus_batch.jobs.cli import main  # noqa: E402
 
 if __name__ == "__main__":
-    main("caption", parser(task="vqa"), FLAGS, None)
+    main("caption", parser(task="vqa", description=__doc__.split("\n\n")[0]), FLAGS, None)

@@ -4,6 +4,7 @@ on good and bad rows, and the checks that fail a bad job before any model is loa
 from __future__ import annotations
 
 import io
+import itertools
 import json
 import runpy
 import subprocess
@@ -29,7 +30,7 @@ from janus_batch.io.commits import RunFiles
 from janus_batch.io.readers import list_input_files
 from janus_batch.io.storage import StorageConfig, read_bytes, write_bytes
 from janus_batch.io.writers import RunWriter
-from janus_batch.jobs import KINDS, CaptionJob, CurateJob, SynthesizeJob
+from janus_batch.jobs import KINDS, CaptionJob, CurateJob, ScoreJob, SynthesizeJob
 from janus_batch.jobs.kinds import model_stage_args
 from janus_batch.jobs.pipeline import cpu_shortfall, prepare
 from janus_batch.jobs.specs import RUN_ID, ModelSpec, ResourceSpec, resolve_run_id
@@ -91,9 +92,15 @@ def test_run_id_templates_name_the_slot(monkeypatch):
 def test_caption_spec_modes():
     with pytest.raises(ValidationError, match="needs input.question_column"):
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x"}})
+    with pytest.raises(ValidationError, match="instruction is the caption prompt: task 'vqa' asks each row's"):
+        CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "question_column": "q"}, "instruction": "Hi"})
     # e.g. captioning a synthesized corpus by its `key`: the output has a `key` of its own.
-    with pytest.raises(ValidationError, match="input.id_column 'key' is passed through to the output"):
+    with pytest.raises(ValidationError, match="input.id_column 'key' is passed through beside the job's own 'key'"):
         CaptionJob.model_validate({"input": {"path": "x", "id_column": "key"}})
+    # The columns the job adds between its stages are taken too: they overwrote the id, and the job crashed.
+    for kind, name in itertools.product((CaptionJob, ScoreJob), ("question", "pixels")):
+        with pytest.raises(ValidationError, match=f"input.id_column '{name}' is passed through beside"):
+            kind.model_validate({"input": {"path": "x", "id_column": name}})
     with pytest.raises(ValidationError, match="input.image_uri_column 'answer'"):
         CaptionJob.model_validate(
             {"task": "vqa", "input": {"path": "x", "image_uri_column": "answer", "question_column": "q"}}
@@ -104,6 +111,12 @@ def test_caption_spec_modes():
     assert uri.input.image_column is None  # a URI column replaces the default bytes column
     folder = CaptionJob.model_validate({"input": {"path": "x", "format": "images"}})
     assert folder.input.id_column is None and folder.text_column == "caption"
+    assert CaptionJob.model_validate(folder.model_dump()).input == folder.input  # a dumped spec validates again
+    # A column given for a source that does not read it was dropped without a word.
+    with pytest.raises(ValidationError, match="format 'images' reads files, which have no columns: unset id_column"):
+        CaptionJob.model_validate({"input": {"path": "x", "format": "images", "id_column": "name"}})
+    with pytest.raises(ValidationError, match="image_column .* or image_uri_column .*, not both"):
+        CaptionJob.model_validate({"input": {"path": "x", "image_column": "b", "image_uri_column": "url"}})
     # Both would otherwise fail only once the job runs, after its model actors have started.
     with pytest.raises(ValidationError, match="task 'vqa' needs a question per row: use Parquet input"):
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "format": "images", "question_column": "q"}})
@@ -179,6 +192,13 @@ def test_cli_yaml_flags_and_dry_run(tmp_path, monkeypatch, capsys):
 
     with pytest.raises(SystemExit, match="needs input.question_column"):
         run_script("vqa.py", ["--input", "x.parquet", "--dry-run"], monkeypatch)
+
+    # A config that cannot be read, or whose field is no mapping for a flag to go into: an invalid spec, said so.
+    with pytest.raises(SystemExit, match=f"invalid job spec: cannot read {tmp_path}/none.yaml: No such file"):
+        run_script("synthesize.py", ["--config", str(tmp_path / "none.yaml")], monkeypatch)
+    config.write_text("input: s3://b/prompts.parquet\n")
+    with pytest.raises(SystemExit, match="invalid job spec: input must be a mapping of fields .*, not a str"):
+        run_script("synthesize.py", ["--config", str(config), "--prompt-column", "text"], monkeypatch)
 
     # A run-id template is shown resolved, as the run would use it.
     before = datetime.now(timezone.utc)
@@ -463,6 +483,9 @@ def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tin
         prepare(SynthesizeJob.model_validate(job))
     with pytest.raises(ValueError, match="has no image column 'image'"):
         prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
+    nested = write_parquet(pa.table({"prompt": ["a"], "prompt_id": [{"n": 1}]}), f"{bucket}/in/n.parquet", storage)
+    with pytest.raises(ValueError, match=r"id column 'prompt_id' is struct<n: int64>, not a single value"):
+        prepare(SynthesizeJob.model_validate({**base, "input": {"path": nested}}))
     pickled = tmp_path / "pickled"  # as deepseek-ai/Janus-Pro-1B: config.json and a pytorch_model.bin
     pickled.mkdir()
     (pickled / "config.json").write_bytes((tiny_model_dir / "config.json").read_bytes())

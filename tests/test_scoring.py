@@ -197,6 +197,23 @@ def test_the_image_prefix_is_prefilled_once_for_both_questions(engine, scorer, i
     assert [c[:2] for c in calls] == [(1, prefix), (1, len(scorer.aesthetic_ids))]
 
 
+def test_forward_batches_keep_to_the_engines_max_batch_rows(engine, images, monkeypatch):
+    capped = JanusEngine(engine.model, engine.processor, max_batch_rows=2)
+    prefills, forward = [], decoder.forward
+
+    def recording(lm, embeds, slots, *args):
+        if int(slots[0]) == 0:
+            prefills.append(embeds.shape[0])
+        return forward(lm, embeds, slots, *args)
+
+    monkeypatch.setattr(decoder, "forward", recording)
+    Scorer(capped).score(images[:5], PROMPTS[:5])
+    assert prefills == [2, 2, 1]
+    prefills.clear()
+    Scorer(engine).score(images[:5], PROMPTS[:5])  # no cap: one batch
+    assert prefills == [5]
+
+
 @pytest.mark.parametrize("prompt_format", ["janus-pro", "janus-1.3b"])
 def test_prefix_and_suffix_ids_are_the_whole_prompts_ids(engine, prompt_format):
     engine = JanusEngine(engine.model, engine.processor, prompt_format=prompt_format)

@@ -87,8 +87,10 @@ class Scorer:
     the options against the tokenizer and tokenizes the image prefix and the rating question."""
 
     def __init__(self, engine, options: ScoreOptions = ScoreOptions(), *, batch_rows: int = 16):
-        """`batch_rows`: images per forward batch (each holds a KV cache of about 650 slots at 384 px)."""
-        self.engine, self.options, self.batch_rows = engine, options, batch_rows
+        """`batch_rows`: images per forward batch (each holds a KV cache of about 650 slots at 384 px), at most the
+        engine's max_batch_rows (`--max-batch-rows`) where it has one."""
+        self.engine, self.options = engine, options
+        self.batch_rows = min(batch_rows, engine.memory.max_batch_rows or batch_rows)
         whole = understanding_prompt(
             options.aesthetic_text, engine.num_image_tokens, engine.system_prompt, engine.prompt_format
         )

@@ -36,9 +36,15 @@ class ImageInput(Spec):
 
     @model_validator(mode="after")
     def one_image_source(self) -> ImageInput:
+        # Columns given for one source and unused by it would be dropped without a word: refused instead.
+        given = {f for f in ("image_column", "image_uri_column", "id_column") if getattr(self, f) is not None}
         if self.format == "images":
+            if unused := sorted(given & self.model_fields_set):
+                raise ValueError(f"format 'images' reads files, which have no columns: unset {', '.join(unused)}")
             return self.model_copy(update=dict(image_column=None, image_uri_column=None, id_column=None))
         if self.image_uri_column is not None:
+            if "image_column" in self.model_fields_set and self.image_column is not None:
+                raise ValueError("set image_column (bytes) or image_uri_column (paths / URIs), not both")
             return self.model_copy(update=dict(image_column=None))
         if self.image_column is None:
             raise ValueError("set image_column (bytes) or image_uri_column (paths / URIs)")
@@ -67,24 +73,31 @@ class CaptionJob(JobSpec):
             raise ValueError("task 'vqa' needs a question per row: use Parquet input with input.question_column")
         if self.task == "vqa" and self.input.question_column is None:
             raise ValueError("task 'vqa' needs input.question_column (the question per row)")
+        if self.task == "vqa" and "instruction" in self.model_fields_set:
+            raise ValueError("instruction is the caption prompt: task 'vqa' asks each row's question instead")
         if self.output.format == "files":
             raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
         if self.task == "caption" and self.input.question_column is not None:
             raise ValueError("input.question_column is set: use task 'vqa' to answer questions")
-        # Passed-through columns keep their names: one named like an output column would collide with it.
-        outputs = schemas.understanding_schema(schemas.ROW_HASH, [], self.text_column).names
-        for field in ("id_column", "image_uri_column"):
-            name = getattr(self.input, field)
-            if name in outputs:
-                raise ValueError(
-                    f"input.{field} {name!r} is passed through to the output, which has its own {name!r} column; "
-                    f"use another column (output columns: {', '.join(outputs)})"
-                )
+        check_passthrough_names(self.input, schemas.understanding_schema(schemas.ROW_HASH, [], self.text_column))
         return self
 
     @property
     def text_column(self) -> str:
         return "answer" if self.task == "vqa" else "caption"
+
+
+def check_passthrough_names(source: ImageInput, output: pa.Schema) -> None:
+    """Passed-through columns keep their names: one named like a column of the job's own, in the output or
+    between its stages, would collide with it."""
+    taken = list(dict.fromkeys([*output.names, *stages.PREPARED_COLUMNS]))
+    for field in ("id_column", "image_uri_column"):
+        name = getattr(source, field)
+        if name in taken:
+            raise ValueError(
+                f"input.{field} {name!r} is passed through beside the job's own {name!r} column; use another column "
+                f"(the job's columns: {', '.join(taken)})"
+            )
 
 
 def passthrough(spec: CaptionJob) -> list[str]:

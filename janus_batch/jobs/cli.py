@@ -132,9 +132,14 @@ def add_score_weights(p: argparse.ArgumentParser, extra_help: str = "") -> None:
 
 def set_path(data: dict, dotted: str, value) -> None:
     *parents, leaf = dotted.split(".")
-    for name in parents:
+    for depth, name in enumerate(parents, 1):
         if data.get(name) is None:
             data[name] = {}
+        if not isinstance(data[name], dict):  # e.g. `input: x.parquet` in the YAML, then --prompt-column
+            field = ".".join(parents[:depth])
+            raise ValueError(
+                f"{field} must be a mapping of fields (set {dotted} with a flag), not a {type(data[name]).__name__}"
+            )
         data = data[name]
     data[leaf] = value
 
@@ -158,6 +163,8 @@ def build_spec(kind: KindOf, args: argparse.Namespace, flags: dict[str, str]) ->
 def load_yaml(path: Path) -> dict:
     try:
         data = yaml.safe_load(path.read_text())
+    except OSError as e:
+        raise ValueError(f"cannot read {path}: {e.strerror or e}") from None
     except yaml.YAMLError as e:  # its text quotes the offending lines, which may hold a secret: say where only
         mark = getattr(e, "problem_mark", None)
         where = f" (line {mark.line + 1}, column {mark.column + 1})" if mark else ""

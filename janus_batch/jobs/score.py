@@ -17,7 +17,14 @@ from janus_batch import stages
 from janus_batch.curation import SCORE_COLUMNS, score_quantiles
 from janus_batch.io import readers, schemas
 from janus_batch.io.commits import RunFiles
-from janus_batch.jobs.caption import Caption, ImageInput, passthrough, prepare_images, read_images
+from janus_batch.jobs.caption import (
+    Caption,
+    ImageInput,
+    check_passthrough_names,
+    passthrough,
+    prepare_images,
+    read_images,
+)
 from janus_batch.jobs.kinds import Build, Prepared, Stage, actor_pool, read_data_columns
 from janus_batch.jobs.specs import JobSpec, OptionalColumn
 from janus_batch.options import ScoreOptions
@@ -50,11 +57,7 @@ class ScoreJob(JobSpec):
             raise ValueError("scores.aesthetic_weight is 0 and there is no input.prompt_column: no combined score")
         if self.output.format != "parquet":
             raise ValueError("a score job writes Parquet rows (output.format parquet)")
-        outputs = output_schema_of(self, schemas.ROW_HASH, []).names
-        for field in ("id_column", "image_uri_column"):
-            name = getattr(self.input, field)
-            if name in outputs:
-                raise ValueError(f"input.{field} {name!r} is passed through to the output, which has its own {name!r}")
+        check_passthrough_names(self.input, output_schema_of(self, schemas.ROW_HASH, []))
         return self
 
 
@@ -108,8 +111,11 @@ class Score(Caption):
     def stages(self, spec: ScoreJob) -> list[Stage]:
         res = spec.resources
         scores = spec.scores
-        what = "alignment and aesthetic" if spec.input.prompt_column else "aesthetic only (no prompt column)"
-        weights = f"score = {scores.alignment_weight:g} alignment + {scores.aesthetic_weight:g} aesthetic"
+        if spec.input.prompt_column:
+            what = "alignment and aesthetic"
+            weights = f"score = {scores.alignment_weight:g} alignment + {scores.aesthetic_weight:g} aesthetic"
+        else:
+            what, weights = "aesthetic only (no prompt column)", "score = the aesthetic"
         return [
             Stage("read", f"{spec.input.format} from {spec.input.path}", read_images),
             Stage(
