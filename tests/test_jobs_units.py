@@ -94,6 +94,8 @@ def test_caption_spec_modes():
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x"}})
     with pytest.raises(ValidationError, match="instruction is the caption prompt: task 'vqa' asks each row's"):
         CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "question_column": "q"}, "instruction": "Hi"})
+    vqa = CaptionJob.model_validate({"task": "vqa", "input": {"path": "x", "question_column": "q"}})
+    assert CaptionJob.model_validate(vqa.model_dump()) == vqa  # a dumped spec (--dry-run's) validates again
     # e.g. captioning a synthesized corpus by its `key`: the output has a `key` of its own.
     with pytest.raises(ValidationError, match="input.id_column 'key' is passed through beside the job's own 'key'"):
         CaptionJob.model_validate({"input": {"path": "x", "id_column": "key"}})

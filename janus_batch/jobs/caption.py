@@ -73,7 +73,7 @@ class CaptionJob(JobSpec):
             raise ValueError("task 'vqa' needs a question per row: use Parquet input with input.question_column")
         if self.task == "vqa" and self.input.question_column is None:
             raise ValueError("task 'vqa' needs input.question_column (the question per row)")
-        if self.task == "vqa" and "instruction" in self.model_fields_set:
+        if self.task == "vqa" and self.instruction != DEFAULT_CAPTION_INSTRUCTION:  # the default: a dumped spec
             raise ValueError("instruction is the caption prompt: task 'vqa' asks each row's question instead")
         if self.output.format == "files":
             raise ValueError("output format 'files' writes images; use parquet or webdataset for text outputs")
