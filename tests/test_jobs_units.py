@@ -485,6 +485,8 @@ def test_bad_jobs_fail_before_any_model_is_loaded(tmp_path, storage, bucket, tin
         prepare(SynthesizeJob.model_validate(job))
     with pytest.raises(ValueError, match="has no image column 'image'"):
         prepare(CaptionJob.model_validate({**base, "input": {"path": prompts}}))
+    with pytest.raises(ValueError, match="has no image column 'image', no id column 'image_id', no prompt column 'p'"):
+        prepare(ScoreJob.model_validate({**base, "input": {"path": prompts, "prompt_column": "p"}}))
     nested = write_parquet(pa.table({"prompt": ["a"], "prompt_id": [{"n": 1}]}), f"{bucket}/in/n.parquet", storage)
     with pytest.raises(ValueError, match=r"id column 'prompt_id' is struct<n: int64>, not a single value"):
         prepare(SynthesizeJob.model_validate({**base, "input": {"path": nested}}))

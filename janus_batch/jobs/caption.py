@@ -185,11 +185,12 @@ class Caption(JobKind):
             return source.path, files, pa.schema([("bytes", pa.binary()), (schemas.PATH, pa.string())])
         files = readers.list_input_files(source.path, storage, ["parquet"])
         schema = readers.parquet_schema(source.path, storage)
+        text_column, text_name = source.text_column  # the question, or a score job's prompt
         columns = {
             "image": source.image_column,
             "image URI": source.image_uri_column,
             "id": source.id_column,
-            "question": source.question_column,
+            text_name: text_column,
         }
         readers.require_columns(schema, columns, source.path)
         return source.path, files, schema

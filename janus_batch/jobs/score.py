@@ -15,7 +15,7 @@ from pydantic import Field, model_validator
 
 from janus_batch import stages
 from janus_batch.curation import SCORE_COLUMNS, score_quantiles
-from janus_batch.io import readers, schemas
+from janus_batch.io import schemas
 from janus_batch.io.commits import RunFiles
 from janus_batch.jobs.caption import (
     Caption,
@@ -95,12 +95,6 @@ class Score(Caption):
     """Lists, checks and counts its input as captioning does; scores instead of captioning."""
 
     spec = ScoreJob
-
-    def list_input(self, spec: ScoreJob) -> tuple[str, list[str], pa.Schema]:
-        path, files, schema = super().list_input(spec)
-        if spec.input.prompt_column:
-            readers.require_columns(schema, {"prompt": spec.input.prompt_column}, path)
-        return path, files, schema
 
     def output_schema(self, prepared: Prepared) -> pa.Schema:
         return output_schema(prepared)
