@@ -243,6 +243,21 @@ GENERATED = pa.schema(
 )
 
 
+def prompt_row(
+    raw_prompt: object, raw_id: object, prompt_column: str, id_column: str | None, duplicates: set
+) -> tuple[str | None, str | None, str | None]:
+    """(prompt, prompt id, error) of an input row: a missing, mistyped or undecodable prompt or id, or an id in
+    `duplicates`, is its error. Without an id column, `raw_id` is the raw prompt."""
+    prompt, error = as_text("prompt", raw_prompt)
+    pid = prompt
+    if id_column:
+        pid, id_error = as_id(id_column, raw_id)
+        error = error or id_error
+    if error is None and id_key(raw_id) in duplicates:
+        error = f"duplicate {id_column or prompt_column} {short(pid)}: more than one input row has it"
+    return prompt, pid, error
+
+
 def prepare_prompts(
     batch: pa.Table,
     *,
@@ -260,13 +275,7 @@ def prepare_prompts(
     drops = [dropped.get(h) for h in batch["row_hash"].to_pylist()] if dropped else [None] * batch.num_rows
     out_prompts, out_ids, errors = [], [], []
     for raw_prompt, raw_id, drop in zip(prompts, ids, drops, strict=True):
-        prompt, error = as_text("prompt", raw_prompt)
-        pid = prompt
-        if id_column:
-            pid, id_error = as_id(id_column, raw_id)
-            error = error or id_error
-        if error is None and id_key(raw_id) in duplicates:
-            error = f"duplicate {id_column or prompt_column} {short(pid)}: more than one input row has it"
+        prompt, pid, error = prompt_row(raw_prompt, raw_id, prompt_column, id_column, duplicates)
         out_prompts.append(prompt)
         out_ids.append(pid)
         errors.append(drop or error)

@@ -99,6 +99,8 @@ def without_dictionaries(schema: pa.Schema) -> pa.Schema:
 
 
 def decode_dictionaries(batch: pa.Table) -> pa.Table:
+    if not any(pa.types.is_dictionary(f.type) for f in batch.schema):  # the usual input: nothing to cast
+        return batch
     return batch.cast(without_dictionaries(batch.schema))
 
 

@@ -96,17 +96,14 @@ def duplicate_prompt_errors(
     """row_hash -> its error, for the rows whose prompt repeats another row's, exactly or once normalised
     (curation.find_duplicates: of a text, the row with the smallest row_hash is kept). The error names the kept
     row (by its id, else its prompt). Only rows that would be generated take part: a row whose prompt or id has
-    an error of its own (stages.prepare_prompts) neither is kept nor drops another."""
+    an error of its own (stages.prompt_row) neither is kept nor drops another."""
     keys, prompts, names = [], [], []
     ids = table[id_column or prompt_column].to_pylist()
     for key, raw, raw_id in zip(
         table[schemas.ROW_HASH].to_pylist(), table[prompt_column].to_pylist(), ids, strict=True
     ):
-        prompt, error = stages.as_text("prompt", raw)
-        id_ok = not id_column or (
-            stages.as_id(id_column, raw_id)[1] is None and readers.id_key(raw_id) not in duplicate_ids
-        )
-        if error is None and id_ok:
+        prompt, _, error = stages.prompt_row(raw, raw_id, prompt_column, id_column, duplicate_ids)
+        if error is None:
             keys.append(key)
             prompts.append(prompt)
             names.append(raw_id)
